@@ -1,0 +1,248 @@
+"""Build the micro world's frozen assets from a seed: tokenizer, then the SFT policy (= pi_ref).
+
+``rlhf-zoo build-assets`` calls :func:`build_assets`. The SFT policy is a small Llama-style causal
+LM (rotary positions, so copying names and numbers does not depend on where they sit), first
+trained on articles, then fine-tuned on article -> reference summary with the loss on article
+tokens down-weighted (x0.1): the summary tokens carry the signal, the article tokens keep it a
+language model of the world.
+
+Later components (reward model, judge, preference model) add their own ``build_*`` steps here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks.news import NewsTask, lead_summary, world_words
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def build_tokenizer(task: NewsTask, n_texts: int = 5000):
+    """A word-level tokenizer trained on the world's text, saved as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, EOS, UNK], min_frequency=1)
+    texts = [task.prompt("train", i) + " " + task.reference("train", i) for i in range(n_texts)]
+    texts.append(" ".join(world_words()))  # every word the world can write, even rare ones
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    fast.padding_side = "left"  # decoder-only batches are left-padded for generation
+    return fast
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy
+
+
+@dataclass
+class SFTConfig:
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 6
+    pretrain_steps: int = 1000
+    sft_steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    prompt_loss_weight: float = 0.1
+    warmup_steps: int = 200
+    n_examples: int = 100_000
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def new_policy(tokenizer, cfg: SFTConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _example(args):
+    task, i = args
+    return task.prompt("train", i), task.reference("train", i)
+
+
+def make_sft_data(task: NewsTask, tokenizer, n: int, seed: int = 0, workers: int | None = None):
+    """``n`` random training articles with one reference summary each, tokenized once.
+
+    Returns right-padded ``ids`` (n, L) and ``is_summary`` (n, L) marking summary and EOS tokens
+    (0 elsewhere, -1 on padding). Generating text is the slow part, so it runs in a process pool.
+    """
+    import multiprocessing as mp
+
+    rng = random.Random(seed)
+    idx = rng.sample(range(task.split_size("train")), n)
+    workers = workers or max(1, min(16, mp.cpu_count()))
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers) as pool:
+        pairs = list(tqdm(pool.imap(_example, [(task, i) for i in idx], chunksize=256), total=n, desc="sft data"))
+    p_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+    width = max(len(a) + len(b) + 1 for a, b in zip(p_ids, c_ids))
+    ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    is_summary = torch.full((n, width), -1, dtype=torch.int8)
+    for r, (a, b) in enumerate(zip(p_ids, c_ids)):
+        row = a + b + [tokenizer.eos_token_id]
+        ids[r, : len(row)] = torch.tensor(row)
+        is_summary[r, : len(a)] = 0
+        is_summary[r, len(a) : len(row)] = 1
+    return ids, is_summary
+
+
+def _weighted_lm_loss(model, ids, weights):
+    """Mean next-token NLL weighted per target token (weights 0 on padding)."""
+    mask = (weights > 0).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    w = weights[:, 1:]
+    return (nll * w).sum() / w.sum()
+
+
+def train_sft(task: NewsTask, tokenizer, cfg: SFTConfig, device: str = "cpu", progress: bool = True, log=print):
+    """Pretrain on articles, then SFT on article -> reference summary. Returns the model (eval mode)."""
+    torch.manual_seed(cfg.seed)
+    ids, is_summary = make_sft_data(task, tokenizer, cfg.n_examples, seed=cfg.seed)
+    ids, is_summary = ids.to(device), is_summary.to(device)
+    model = new_policy(tokenizer, cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    total = cfg.pretrain_steps + cfg.sft_steps
+
+    def lr_at(step):  # linear warm-up, cosine decay to 10%
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    bar = tqdm(range(total), desc="train policy", disable=not progress)
+    model.train()
+    ema = None
+    for step in bar:
+        rows = torch.randint(0, ids.shape[0], (cfg.batch_size,), generator=gen).to(device)
+        b_ids, b_sum = ids[rows], is_summary[rows]
+        width = int((b_sum >= 0).sum(1).max())
+        b_ids, b_sum = b_ids[:, :width], b_sum[:, :width].float()
+        if step < cfg.pretrain_steps:  # a language model of articles first
+            weights = (b_sum == 0).float()
+        else:  # then article -> summary, article tokens down-weighted
+            weights = torch.where(b_sum == 1, 1.0, torch.where(b_sum == 0, cfg.prompt_loss_weight, 0.0))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = _weighted_lm_loss(model, b_ids, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", phase="pre" if step < cfg.pretrain_steps else "sft")
+        if log and (step + 1) % 1000 == 0:
+            log(f"step {step + 1}/{total} loss {ema:.4f}")
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of a summarization policy against the gold scorer
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1.0, num_return_sequences=1, batch_size=256):
+    """Completions (text) for prompts; greedy when ``temperature == 0``."""
+    device = next(model.parameters()).device
+    out = []
+    tokenizer.padding_side = "left"
+    for s in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        gen = model.generate(
+            **enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw,
+        )
+        out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int = 8, seed: int = 0) -> dict:
+    """The numbers the foundation issue asks for, on ``n`` test articles."""
+    torch.manual_seed(seed)
+    arts = [task.example("test", i) for i in range(n)]
+    prompts = [a.prompt for a in arts]
+    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    greedy = generate(model, tokenizer, prompts, temperature=0)
+    sampled = generate(model, tokenizer, prompts, temperature=1.0, num_return_sequences=best_of)
+    g_sampled = task.gold([p for p in prompts for _ in range(best_of)], sampled)
+    per_prompt = [g_sampled[i * best_of : (i + 1) * best_of] for i in range(n)]
+    return {
+        "n_test_articles": n,
+        "sft_greedy": mean(task.gold(prompts, greedy)),
+        "sft_sampled_t1": mean(g_sampled),
+        f"sft_best_of_{best_of}_gold": mean([max(g) for g in per_prompt]),
+        "lead_2": mean([task.gold_one(a.prompt, lead_summary(a, 2)) for a in arts]),
+        "writer_expert": mean([task.gold_one(a.prompt, task.reference("test", i, "expert")) for i, a in enumerate(arts)]),
+        "writer_average": mean([task.gold_one(a.prompt, task.reference("test", i)) for i, a in enumerate(arts)]),
+        "examples": [{"prompt": prompts[i], "greedy": greedy[i], "sampled": sampled[i * best_of]} for i in range(3)],
+    }
+
+
+def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 0, device: str = "cpu",
+                 only: str | None = None, sft_config: SFTConfig | None = None, progress: bool = True) -> Path:
+    """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir)."""
+    from .assets import asset_dir, atomic_save_dir, write_manifest
+
+    if version != "micro-v0":
+        raise ValueError(f"unknown asset version {version!r}; this release builds 'micro-v0'.")
+    target = Path(out) if out else asset_dir(version, must_exist=False)
+    parts = set((only or "tokenizer,sft").split(","))
+    unknown = parts - {"tokenizer", "sft"}
+    if unknown:
+        raise ValueError(f"unknown asset parts {sorted(unknown)}; choose from tokenizer, sft.")
+    task = NewsTask(seed=0)
+    cfg = sft_config or SFTConfig(seed=seed)
+    t0 = time.time()
+    target.mkdir(parents=True, exist_ok=True)
+    if "tokenizer" in parts:
+        with atomic_save_dir(target / "tokenizer") as tmp:
+            build_tokenizer(task).save_pretrained(tmp)
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(target / "tokenizer")
+    metrics = {}
+    if "sft" in parts:
+        model = train_sft(task, tokenizer, cfg, device=device, progress=progress)
+        metrics = evaluate_policy(model, tokenizer, task)
+        with atomic_save_dir(target / "sft") as tmp:
+            model.to("cpu").save_pretrained(tmp)
+            (Path(tmp) / "build_metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_manifest(
+        target, command=f"rlhf-zoo build-assets --version {version} --seed {seed} --device {device}", seed=seed,
+        extra={"sft_config": asdict(cfg), "build_seconds": round(time.time() - t0, 1), "metrics": {k: v for k, v in metrics.items() if k != "examples"}},
+    )
+    return target

@@ -1,0 +1,447 @@
+"""The batched state machine behind every token-level RLHF environment.
+
+:class:`TokenMDPCore` holds ``N`` independent episodes on one device. Each episode is: sample a
+prompt from a task split, then let the agent append one token per step until it emits EOS
+(*terminated*) or has generated ``max_new_tokens`` tokens (*truncated*).
+
+Per-step reward for action ``a`` in state ``s`` (the prompt plus the tokens generated so far)::
+
+    r_t = kl_coef * log pi_ref(a_t | s_t)                 every step
+        + RM(prompt, completion)                          additionally on the last step
+
+An agent that adds ``-kl_coef * log pi(a_t | s_t)`` to each reward gets the usual RLHF return
+``RM - kl_coef * sum_t log(pi / pi_ref)``. With ``kl_coef == 0`` the reference model is not run at
+all (unless ``compute_ref=True``) and ``ref_logprob`` is reported as ``0.0``.
+
+The single env (:mod:`.token_env`), the torch vector env (:mod:`.vector_env`) and the SB3 adaptor
+(:mod:`.sb3`) are thin views of this class. Everything per step stays batched on the device; the
+only device-to-host transfer per step is one small ``(2, N)`` bool tensor (invalid actions, EOS),
+plus the completions of the episodes that ended (decoded once, in one ``batch_decode``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode
+
+from .lm import IncrementalLM, model_vocab_size
+from .rewards import GoldReward, RewardModel, check_scores
+from .tasks.base import Task
+
+__all__ = ["TokenMDPCore", "StepResult", "resolve_device", "resolve_autoreset_mode"]
+
+RESET_OPTIONS = ("prompt_index", "split")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Parse ``device`` and check that this machine has it; raise a ValueError that says what to do."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:0', ...).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={str(device)!r} was requested but CUDA is not available here "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "use device='cuda:0' or device='cpu'."
+            )
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={str(device)!r} was requested but MPS is not available here; use device='cpu'.")
+    return dev
+
+
+def resolve_autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
+    """Accept an :class:`AutoresetMode` or its value/name ("NextStep", "same_step", ...)."""
+    if isinstance(mode, AutoresetMode):
+        return mode
+    for m in AutoresetMode:
+        if str(mode).lower().replace("_", "") in (m.value.lower(), m.name.lower().replace("_", "")):
+            return m
+    raise ValueError(f"unknown autoreset_mode {mode!r}; use one of {[m.value for m in AutoresetMode]}.")
+
+
+@dataclass
+class StepResult:
+    """Everything one batched step produced. Tensors live on the core's device; row sets are host arrays.
+
+    Per row (length ``N``): ``input_ids``/``attention_mask`` (the observation, after any autoreset),
+    ``reward``, ``ref_logprob`` (0 for rows that did not act), ``terminated``/``truncated``.
+    Per *finished* row (length ``k``, in the order of ``finished``): ``rm_score``, ``gold`` (NaN when
+    the task has no gold scorer), ``completions``, ``prompts``, ``prompt_index``, ``ref_logprob_sum``,
+    ``length`` (generated tokens, EOS included). ``final_input_ids``/``final_attention_mask`` hold the
+    last observation of every row before the SAME_STEP autoreset (None otherwise). ``reset_rows``
+    lists the rows that started a new episode in this step.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    reward: torch.Tensor
+    ref_logprob: torch.Tensor
+    terminated: np.ndarray
+    truncated: np.ndarray
+    finished: np.ndarray
+    rm_score: torch.Tensor
+    gold: np.ndarray
+    completions: list[str]
+    prompts: list[str]
+    prompt_index: np.ndarray
+    ref_logprob_sum: torch.Tensor
+    length: np.ndarray
+    reset_rows: np.ndarray
+    final_input_ids: torch.Tensor | None = None
+    final_attention_mask: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class TokenMDPCore:
+    """``N`` token-level RLHF episodes, stepped together on one device.
+
+    Args:
+        task: where prompts come from (and the gold scorer, reported in infos when it exists).
+        tokenizer: a ``transformers`` tokenizer; its length ``V`` is the action space size, its
+            ``eos_token_id`` ends episodes. Prompts are encoded with its defaults
+            (``add_special_tokens=True``), i.e. as the model saw them in training.
+        reference: the frozen reference policy ``pi_ref`` (a causal LM with at least ``V`` logits);
+            the core puts it on ``device`` in eval mode.
+        reward_model: scores finished episodes (see :class:`~.rewards.RewardModel`).
+        num_envs: ``N``.
+        split: task split prompts are sampled from ("train", "validation", "test").
+        kl_coef: ``beta`` in ``r_t = beta * log pi_ref(a_t|s_t)``; 0 disables the reference model.
+        max_prompt_tokens: prompts longer than this keep their *last* ``max_prompt_tokens`` tokens
+            (the answer cue at the end of a prompt must survive; a warning is issued once).
+        max_new_tokens: episodes are truncated after this many generated tokens.
+        device: "cpu", "cuda", "cuda:1", ...
+        autoreset_mode: NEXT_STEP (gymnasium's default: the step after an episode ended resets that
+            row, ignores its action and returns reward 0), SAME_STEP (the step that ends an episode
+            already returns the next episode's first observation; the last one is in
+            ``final_input_ids``), or DISABLED (stepping a finished row is an error; call ``reset``).
+        compute_ref: run the reference model even when ``kl_coef == 0`` (to monitor ``ref_logprob``);
+            default: only when ``kl_coef != 0``.
+
+    Observations are right-aligned ``(N, W)`` int64 ``input_ids``/``attention_mask`` tensors with
+    ``W = max_prompt_tokens + max_new_tokens``; masked columns hold the pad id. The core never
+    modifies a tensor it has returned (every step builds new ones), so callers may keep them.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        tokenizer,
+        reference: torch.nn.Module,
+        reward_model: RewardModel,
+        *,
+        num_envs: int = 1,
+        split: str = "train",
+        kl_coef: float = 0.05,
+        max_prompt_tokens: int = 128,
+        max_new_tokens: int = 32,
+        device: str | torch.device = "cpu",
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        compute_ref: bool | None = None,
+    ):
+        if not isinstance(task, Task):
+            raise TypeError(f"task must be a rlhfgym.envs.tasks.base.Task, got {type(task).__name__}.")
+        task.check_split(split)
+        if not isinstance(reward_model, RewardModel):
+            raise TypeError(
+                f"reward_model must have a score(prompts, completions) -> Tensor method, got {type(reward_model).__name__}."
+            )
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
+        if int(max_new_tokens) < 1 or int(max_prompt_tokens) < 1:
+            raise ValueError(
+                f"max_new_tokens and max_prompt_tokens must be >= 1, got {max_new_tokens} and {max_prompt_tokens}."
+            )
+        if not math.isfinite(float(kl_coef)):
+            raise ValueError(f"kl_coef must be a finite number, got {kl_coef}.")
+        self.device = resolve_device(device)
+        self.autoreset_mode = resolve_autoreset_mode(autoreset_mode)
+
+        self.task = task
+        self.tokenizer = tokenizer
+        self.reward_model = reward_model
+        self.num_envs = int(num_envs)
+        self.kl_coef = float(kl_coef)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.max_new_tokens = int(max_new_tokens)
+        self.window = self.max_prompt_tokens + self.max_new_tokens
+        self.split = split
+        self._check_split_nonempty(split)
+
+        self.vocab_size = len(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token; episodes end at EOS, so set tokenizer.eos_token first.")
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.pad_token_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else self.eos_token_id
+        ref_vocab = model_vocab_size(reference)
+        if ref_vocab < self.vocab_size:
+            raise ValueError(
+                f"tokenizer/model vocab mismatch: the tokenizer has {self.vocab_size} tokens but the reference model "
+                f"only {ref_vocab} logits; use the tokenizer the reference model was trained with."
+            )
+
+        self.reference = reference.to(self.device).eval()
+        self.compute_ref = (self.kl_coef != 0.0) if compute_ref is None else bool(compute_ref)
+        self.ref_lm = IncrementalLM(self.reference, self.num_envs, self.window) if self.compute_ref else None
+        self._gold_is_rm = isinstance(reward_model, GoldReward) and reward_model.task is task
+
+        n, w = self.num_envs, self.window
+        self.input_ids = torch.full((n, w), self.pad_token_id, dtype=torch.long, device=self.device)
+        self.attention_mask = torch.zeros(n, w, dtype=torch.long, device=self.device)
+        self.ref_next_logprobs: torch.Tensor | None = None  # (N, V_ref) log pi_ref(. | s) of the current state
+        self.ref_logprob_sum = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.steps = np.zeros(n, dtype=np.int64)  # tokens generated in the current episode
+        self.done = np.zeros(n, dtype=bool)  # episode over, waiting for a reset
+        self.prompt_index = np.zeros(n, dtype=np.int64)
+        self.prompt_text: list[str] = [""] * n
+        self.rngs: list[np.random.Generator] = [seeding.np_random()[0] for _ in range(n)]
+        self.started = False
+        self._prompt_cache: dict[tuple[str, int], tuple[str, list[int]]] = {}
+        self._warned_truncation = False
+
+    # ------------------------------------------------------------ sequence-level access
+    def prompts(self, split: str = "train", n: int | None = None, start: int = 0) -> list[str]:
+        """``n`` consecutive prompts of a task split (all of it when ``n`` is None)."""
+        return self.task.prompts(split, n, start)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """The env's reward-model scores of (prompt, completion) pairs, shape ``(B,)``."""
+        return check_scores(self.reward_model, self.reward_model.score(prompts, completions), len(prompts))
+
+    def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """The task's gold scores of (prompt, completion) pairs."""
+        return self.task.gold(prompts, completions)
+
+    # ------------------------------------------------------------ reset
+    def reset(
+        self, seed: int | Sequence[int | None] | None = None, options: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start a new episode in every row and return the observation ``(input_ids, attention_mask)``.
+
+        ``seed``: an int seeds row ``i`` with ``seed + i`` (like gymnasium's vector envs, so row ``i``
+        samples the same prompts as a single env seeded ``seed + i``); a sequence gives one seed per
+        row (None keeps that row's generator); None keeps all generators.
+        ``options``: ``{"prompt_index": int or one int per row}`` picks the prompts instead of
+        sampling them; ``{"split": name}`` switches the split for this and later episodes.
+        """
+        options = dict(options or {})
+        unknown = set(options) - set(RESET_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid options are {list(RESET_OPTIONS)}.")
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"reset got {len(seeds)} seeds for {self.num_envs} envs; pass one seed per env or one int.")
+            for i, s in enumerate(seeds):
+                if s is not None:
+                    self.rngs[i] = seeding.np_random(int(s))[0]
+        if "split" in options:
+            self.task.check_split(options["split"])
+            self._check_split_nonempty(options["split"])
+            self.split = options["split"]
+        indices = options.get("prompt_index")
+        if indices is not None:
+            indices = np.broadcast_to(np.asarray(indices, dtype=np.int64), (self.num_envs,))
+        if self.ref_lm is not None:
+            self.ref_lm.clear()
+            self.ref_next_logprobs = None
+        self._reset_rows(np.arange(self.num_envs), indices)
+        self.started = True
+        return self.input_ids, self.attention_mask
+
+    def _check_split_nonempty(self, split: str) -> None:
+        if self.task.split_size(split) < 1:
+            raise ValueError(f"split {split!r} of task {self.task.name!r} has no prompts; choose another split.")
+
+    def _prompts_and_tokens(self, indices: Sequence[int]) -> list[tuple[str, list[int]]]:
+        """(text, token ids) of the given prompts of the current split (cached; tokenized in one batch)."""
+        split = self.split
+        missing = sorted({int(i) for i in indices if (split, int(i)) not in self._prompt_cache})
+        if missing:
+            texts = [self.task.prompt(split, i) for i in missing]
+            encoded = self.tokenizer(texts)["input_ids"]
+            for i, text, ids in zip(missing, texts, encoded):
+                if len(ids) > self.max_prompt_tokens:
+                    if not self._warned_truncation:
+                        warnings.warn(
+                            f"prompt {i} of split {split!r} has {len(ids)} tokens; keeping its last "
+                            f"{self.max_prompt_tokens} (raise max_prompt_tokens to keep whole prompts).",
+                            stacklevel=3,
+                        )
+                        self._warned_truncation = True
+                    ids = ids[-self.max_prompt_tokens :]
+                if not ids:
+                    raise ValueError(f"prompt {i} of split {split!r} encodes to zero tokens; the env needs non-empty prompts.")
+                self._prompt_cache[(split, i)] = (text, list(ids))
+        return [self._prompt_cache[(split, int(i))] for i in indices]
+
+    def _reset_rows(self, rows: np.ndarray, indices: np.ndarray | None = None) -> None:
+        """Sample (or take) a prompt for each row in ``rows`` and make it that row's state."""
+        size = self.task.split_size(self.split)
+        if indices is None:
+            indices = np.array([self.rngs[r].integers(size) for r in rows], dtype=np.int64)
+        else:
+            indices = np.asarray(indices, dtype=np.int64)
+            bad = indices[(indices < 0) | (indices >= size)]
+            if bad.size:
+                raise IndexError(f"prompt_index {int(bad[0])} is outside split {self.split!r} of size {size}; use 0..{size - 1}.")
+        cached = self._prompts_and_tokens(indices)
+        tokens = [t for _, t in cached]
+
+        k, w = len(rows), self.window
+        ids = np.full((k, w), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((k, w), dtype=np.int64)
+        for j, t in enumerate(tokens):
+            ids[j, w - len(t) :] = t
+            mask[j, w - len(t) :] = 1
+        rows_t = torch.as_tensor(rows, device=self.device)
+        # out-of-place index_put: tensors handed out earlier must never change
+        self.input_ids = self.input_ids.index_put((rows_t,), torch.from_numpy(ids).to(self.device))
+        self.attention_mask = self.attention_mask.index_put((rows_t,), torch.from_numpy(mask).to(self.device))
+        self.ref_logprob_sum = self.ref_logprob_sum.index_fill(0, rows_t, 0.0)
+        if self.ref_lm is not None:
+            logits = self.ref_lm.reset_rows(rows, tokens)
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            if self.ref_next_logprobs is None:
+                self.ref_next_logprobs = lp.new_zeros(self.num_envs, lp.shape[-1])
+            self.ref_next_logprobs[rows_t] = lp
+        self.steps[rows] = 0
+        self.done[rows] = False
+        self.prompt_index[rows] = indices
+        for r, (text, _) in zip(rows, cached):
+            self.prompt_text[r] = text
+
+    # ------------------------------------------------------------ step
+    def _as_actions(self, actions) -> torch.Tensor:
+        if isinstance(actions, torch.Tensor):
+            if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
+                raise TypeError(f"actions must be integer token ids, got a {actions.dtype} tensor.")
+            a = actions.to(self.device, torch.long)
+        else:
+            arr = np.asarray(actions)
+            if arr.dtype.kind not in "iu":
+                raise TypeError(f"actions must be integer token ids, got {arr.dtype} ({actions!r:.60}).")
+            a = torch.from_numpy(arr.astype(np.int64, copy=False)).to(self.device)
+        if a.numel() != self.num_envs or (a.ndim > 1):
+            raise ValueError(f"expected {self.num_envs} action(s) (one token id per env), got shape {tuple(a.shape)}.")
+        return a.reshape(self.num_envs)
+
+    def step(self, actions) -> StepResult:
+        """Append one token per row; see the module docstring for rewards and :class:`StepResult`."""
+        if not self.started:
+            raise RuntimeError("step() called before reset(); call reset() first.")
+        if self.autoreset_mode == AutoresetMode.DISABLED and self.done.any():
+            raise RuntimeError(
+                "step() called after the episode ended (terminated or truncated); call reset() to start a new one."
+            )
+        n, device = self.num_envs, self.device
+        a = self._as_actions(actions)
+        resetting = self.done.copy()  # NEXT_STEP: rows that ended last step restart now, ignoring their action
+        stepping = ~resetting
+
+        # Single device->host transfer per step: which actions are out of range, which are EOS.
+        flags = torch.stack([(a < 0) | (a >= self.vocab_size), a == self.eos_token_id]).cpu().numpy()
+        bad = np.flatnonzero(flags[0] & stepping)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"action {int(a[i])} (env {i}) is out of range: actions are token ids in [0, {self.vocab_size - 1}] "
+                f"(Discrete({self.vocab_size}))."
+            )
+        if flags[0].any():  # ignored actions of resetting rows must still be valid embedding indices
+            a = a.clamp(0, self.vocab_size - 1)
+
+        terminated = flags[1] & stepping
+        self.steps[stepping] += 1
+        truncated = stepping & ~terminated & (self.steps >= self.max_new_tokens)
+        finished = np.flatnonzero(terminated | truncated)
+
+        if self.ref_next_logprobs is not None:
+            ref_lp = self.ref_next_logprobs.gather(1, a.view(n, 1)).view(n)
+            if resetting.any():  # rows that only restart in this step did not act
+                ref_lp = torch.where(torch.from_numpy(stepping).to(device), ref_lp, ref_lp.new_zeros(()))
+            self.ref_logprob_sum = self.ref_logprob_sum + ref_lp
+        else:
+            ref_lp = torch.zeros(n, dtype=torch.float32, device=device)
+        reward = self.kl_coef * ref_lp if self.kl_coef != 0.0 else torch.zeros(n, dtype=torch.float32, device=device)
+
+        # New observation: shift left by one column and append the action (rows that reset are
+        # overwritten below). New tensors, so observations handed out earlier stay valid.
+        self.input_ids = torch.cat([self.input_ids[:, 1:], a.view(n, 1)], dim=1)
+        self.attention_mask = torch.cat([self.attention_mask[:, 1:], self.attention_mask.new_ones(n, 1)], dim=1)
+
+        # Advance the reference model for the rows whose episode goes on (one batched forward).
+        # Launched before scoring, so on a GPU it runs while the host decodes and scores.
+        if self.ref_lm is not None:
+            going_on = stepping.copy()
+            going_on[finished] = False
+            if going_on.any():
+                active = None if going_on.all() else torch.from_numpy(going_on).to(device)
+                logits = self.ref_lm.step(a, active=active)
+                self.ref_next_logprobs = torch.log_softmax(logits.float(), dim=-1)
+
+        result = StepResult(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            reward=reward,
+            ref_logprob=ref_lp,
+            terminated=terminated,
+            truncated=truncated,
+            finished=finished,
+            rm_score=torch.zeros(0, device=device),
+            gold=np.zeros(0),
+            completions=[],
+            prompts=[],
+            prompt_index=self.prompt_index[finished].copy(),
+            ref_logprob_sum=torch.zeros(0, device=device),
+            length=self.steps[finished].copy(),
+            reset_rows=np.zeros(0, dtype=np.int64),
+        )
+        if finished.size:
+            self._score_finished(result)
+
+        self.done[finished] = True
+        if self.autoreset_mode == AutoresetMode.SAME_STEP and finished.size:
+            result.final_input_ids, result.final_attention_mask = self.input_ids, self.attention_mask
+            self._reset_rows(finished)
+            result.reset_rows = finished
+        elif self.autoreset_mode == AutoresetMode.NEXT_STEP and resetting.any():
+            result.reset_rows = np.flatnonzero(resetting)
+            self._reset_rows(result.reset_rows)
+        result.input_ids, result.attention_mask = self.input_ids, self.attention_mask
+        return result
+
+    def _score_finished(self, result: StepResult) -> None:
+        """Decode the finished completions once, score them in one batch, add the scores to the reward."""
+        rows = result.finished
+        m = self.max_new_tokens
+        tail = self.input_ids[torch.as_tensor(rows, device=self.device), -m:].tolist()  # one transfer
+        token_lists = [t[m - int(self.steps[r]) :] for t, r in zip(tail, rows)]
+        completions = self.tokenizer.batch_decode(
+            token_lists, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        prompts = [self.prompt_text[r] for r in rows]
+        rm = self.score(prompts, completions).to(self.device)
+        if self._gold_is_rm:
+            gold = rm.cpu().numpy().astype(np.float64)
+        elif self.task.has_gold:
+            gold = np.asarray(self.task.gold(prompts, completions), dtype=np.float64)
+        else:
+            gold = np.full(len(rows), np.nan)
+        rows_t = torch.as_tensor(rows, device=self.device)
+        result.reward = result.reward.index_add(0, rows_t, rm)
+        result.ref_logprob_sum = self.ref_logprob_sum[rows_t]
+        result.rm_score, result.gold = rm, gold
+        result.completions, result.prompts = completions, prompts

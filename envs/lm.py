@@ -1,0 +1,444 @@
+"""Step a Hugging Face causal LM one token at a time, for a batch of independent rows.
+
+:class:`IncrementalLM` is *the* way rlhf-gym steps a language model token by token: the environment
+uses it for the frozen reference policy, agents use it for their own policy. It keeps one KV cache
+for ``B`` rows and lets each row start a new prompt whenever it likes (``reset_rows``), so a vector
+environment whose episodes end at different times never has to wait for the slowest row.
+
+Logical layout of the shared cache (the same number of columns for every row)::
+
+    column:      0   1   2   3   4   5   6   7        attention mask
+    row 0:       .   .   a   b   c   d   e   f        0 0 1 1 1 1 1 1
+    row 1:       .   .   .   .   .   x   y   z        0 0 0 0 0 1 1 1   <- reset 3 steps ago
+    row 2:       .   p   q   r   s   .   t   u        0 1 1 1 1 0 1 1   <- inactive at column 5
+
+* **Right-aligned (left-padded).** Every forward pass appends one column for *all* rows, so the
+  newest token of every row is always the last column. A row that is reset writes its prompt into
+  the *last* ``p`` columns and masks everything to their left; nothing else moves.
+* **Explicit positions.** Each row carries its own position counter (the number of valid tokens
+  since its last reset) and it is passed as ``position_ids``; together with the attention mask this
+  makes a row's logits independent of padding, of the other rows and of where in the cache its
+  tokens sit (rotary *and* learned position embeddings both see positions ``0, 1, 2, ...``).
+* **Bounded window.** Only the last ``window`` columns are needed, so memory and per-step cost stay
+  bounded however long the env runs.
+
+Two backends implement this layout:
+
+* ``"static"`` (default for the ``sdpa`` and ``eager`` attention implementations): the cache is a
+  preallocated ring of ``window`` columns per layer, written in place one slot per step, with an
+  additive 4D attention mask that we maintain ourselves (so transformers builds no mask per step).
+  Shapes never change, so on CUDA the step is captured once as a **CUDA graph** and replayed: one
+  launch per token instead of hundreds of kernels and Python calls. A row sees at most its last
+  ``window`` tokens (older ones are overwritten), so size ``window`` to the longest context.
+* ``"dynamic"``: a transformers ``DynamicCache`` that grows by one column per step and is cropped
+  on the left when it is longer than ``window`` (only columns no row needs; a row whose context
+  since its last reset is longer keeps all of it). Works with any attention implementation.
+
+Either way the model is called directly with ``past_key_values`` (no ``generate``): one forward per
+step, no logits processors, no per-row Python work except at resets.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+__all__ = ["IncrementalLM", "sequence_logprobs", "model_vocab_size"]
+
+
+def model_vocab_size(model: torch.nn.Module) -> int:
+    """Number of logits the model produces per position (its output-embedding rows)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        return int(out.weight.shape[0])
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.vocab_size)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, 2, ... over the valid (mask == 1) tokens of each row; padding gets 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+class _RingLayer(DynamicLayer):
+    """One layer of the static backend: fixed ``(B, H, C, D)`` keys/values, written in place at
+    ``slot`` (a 1-element device tensor shared by all layers, so a CUDA graph can replay it)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.slot = keys, values, slot
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys.index_copy_(2, self.slot, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, self.slot, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.keys.shape[-2], 0
+
+
+class IncrementalLM:
+    """Batched incremental decoding of a causal LM with per-row resets and a bounded KV cache.
+
+    Args:
+        model: any ``transformers`` causal LM with a standard per-layer key/value cache (Llama,
+            GPT-2, Qwen, Mistral, ...). It is used as is: put it in ``eval()`` mode and on its device
+            yourself, and do not move it afterwards (a captured CUDA graph reads the weights in
+            place; in-place updates such as ``optimizer.step()`` are fine). No gradients are recorded.
+        batch_size: number of rows ``B``.
+        window: the longest context a row needs (prompt + generated tokens); the token env's
+            observation width ``max_prompt_tokens + max_new_tokens`` is the right value for an agent.
+            See the module docstring for what each backend does with longer contexts.
+        backend: "static", "dynamic" or "auto" (static when the model's attention implementation
+            is ``sdpa`` or ``eager``, which accept our 4D mask; dynamic otherwise).
+        cuda_graph: capture the static step as a CUDA graph (default: on CUDA devices).
+
+    Typical use (generation with ``B`` prompts, restarting rows as they finish)::
+
+        lm = IncrementalLM(model, batch_size=B, window=max_prompt + max_new)
+        logits = lm.reset_rows(range(B), prompt_token_lists)       # (B, V) next-token logits
+        for _ in range(max_new):
+            tokens = sample(logits)                                 # (B,)
+            logits = lm.step(tokens)                                # (B, V)
+            # rows that finished: logits[rows] = lm.reset_rows(rows, new_prompts)
+
+    ``reset_rows`` and ``step`` return the logits of the *next* token, so a policy samples its action
+    from the logits it already has, then feeds the action back with ``step``. Returned tensors are
+    fresh (never overwritten by later calls).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        window: int,
+        *,
+        backend: str = "auto",
+        cuda_graph: bool | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"IncrementalLM needs batch_size >= 1, got {batch_size}.")
+        if window < 1:
+            raise ValueError(f"IncrementalLM needs window >= 1, got {window}.")
+        if backend not in ("auto", "static", "dynamic"):
+            raise ValueError(f"unknown backend {backend!r}; use 'auto', 'static' or 'dynamic'.")
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.window = int(window)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = model_vocab_size(model)
+        attn = getattr(model.config, "_attn_implementation", None)
+        if backend == "auto":
+            backend = "static" if attn in ("sdpa", "eager") else "dynamic"
+        self.backend = backend
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and (backend != "static" or self.device.type != "cuda"):
+            raise ValueError("cuda_graph=True needs backend='static' and a model on a CUDA device.")
+        # Prefills only need the last position's logits; skip the (p, V) projection when the
+        # model supports it (all current transformers causal LMs do).
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._graph: torch.cuda.CUDAGraph | None = None
+        if backend == "static":
+            self._init_static()
+        self.clear()
+
+    # ------------------------------------------------------------------ state
+    def clear(self) -> None:
+        """Forget every row: empty (all-masked) cache, zero positions."""
+        #: (B,) int64: position id of the row's next token (= valid tokens since its last reset).
+        self.positions = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+        # Host-side count of columns appended since each row's last reset (-1: never reset). The
+        # dynamic backend uses it to decide what to crop without reading anything from the device.
+        self._span = np.full(self.batch_size, -1, dtype=np.int64)
+        if self.backend == "static":
+            self._mask4d.fill_(self._neg)
+            self._head = 0  # columns ever appended; the next one goes to slot head % window
+        else:
+            self.cache = DynamicCache()
+            self._mask2d = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``(B, L)`` int64, 1 where a column holds a token of the row's context, oldest column first."""
+        if self.backend == "dynamic":
+            return self._mask2d
+        order = (torch.arange(self.window, device=self.device) + self._head) % self.window
+        return (self._mask4d[:, 0, 0, order] == 0).long()
+
+    @property
+    def cache_len(self) -> int:
+        """Number of cache columns ``L`` (always ``window`` for the static backend)."""
+        return self.window if self.backend == "static" else int(self._mask2d.shape[1])
+
+    def _forward(self, **kwargs):
+        return self.model(use_cache=True, **kwargs)
+
+    # ------------------------------------------------------------------ reset
+    @torch.no_grad()
+    def reset_rows(
+        self,
+        rows: Sequence[int] | np.ndarray | torch.Tensor,
+        input_ids: Sequence[Sequence[int]] | torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Start new contexts in ``rows`` and return their next-token logits ``(len(rows), V)``.
+
+        The prompts of all the given rows are prefilled in one batched forward pass; their keys and
+        values are written into the last ``p`` columns of those rows (``p`` = longest of these
+        prompts), everything older in those rows is masked. The other rows are untouched.
+
+        Args:
+            rows: distinct row indices in ``[0, B)``.
+            input_ids: one prompt per row, either a list of token-id lists (any lengths >= 1) or a
+                ``(len(rows), T)`` tensor, left-padded, with ``attention_mask`` marking valid tokens
+                (e.g. the right-aligned observations of the token environment).
+            attention_mask: ``(len(rows), T)`` 0/1 tensor when ``input_ids`` is a tensor; ``None``
+                means every token is valid.
+        """
+        rows_np = np.asarray(rows.tolist() if isinstance(rows, torch.Tensor) else list(rows), dtype=np.int64)
+        if rows_np.size == 0:
+            return torch.empty(0, self.vocab_size, device=self.device)
+        if rows_np.min() < 0 or rows_np.max() >= self.batch_size or len(np.unique(rows_np)) != rows_np.size:
+            raise ValueError(f"reset_rows: rows must be distinct indices in [0, {self.batch_size}); got {rows_np.tolist()}.")
+        ids, mask = self._pad_prompts(input_ids, attention_mask, len(rows_np))
+        p = ids.shape[1]
+        if self.backend == "static" and p > self.window:
+            raise ValueError(f"reset_rows: a prompt of {p} tokens does not fit the window of {self.window}; raise window.")
+
+        out = self._forward(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=_position_ids(mask),
+            past_key_values=DynamicCache(),
+            **({"logits_to_keep": 1} if self._logits_to_keep else {}),
+        )
+        rows_t = torch.as_tensor(rows_np, device=self.device)
+        if self.backend == "static":
+            self._write_static(rows_t, out.past_key_values, mask)
+        else:
+            self._write_dynamic(rows_t, out.past_key_values, mask)
+        self.positions[rows_t] = mask.sum(-1)
+        self._span[rows_np] = p
+        if self.backend == "dynamic":
+            self._crop()
+        return out.logits[:, -1, :]
+
+    def _pad_prompts(self, input_ids, attention_mask, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad the prompts into ``(k, p)`` tensors on the model's device (p = longest prompt)."""
+        if isinstance(input_ids, torch.Tensor):
+            ids = input_ids.to(self.device, torch.long)
+            mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(self.device, torch.long)
+            if ids.ndim != 2 or ids.shape[0] != k or mask.shape != ids.shape:
+                raise ValueError(
+                    f"reset_rows: input_ids must be ({k}, T) with an attention_mask of the same shape; "
+                    f"got {tuple(ids.shape)} and {tuple(mask.shape)}."
+                )
+            lengths = mask.sum(-1)
+            p = int(lengths.max())
+            if int(lengths.min()) == 0:
+                raise ValueError("reset_rows: every prompt needs at least one token (a row has an all-zero attention_mask).")
+            return ids[:, ids.shape[1] - p :], mask[:, mask.shape[1] - p :]
+        prompts = [list(map(int, x)) for x in input_ids]
+        if len(prompts) != k:
+            raise ValueError(f"reset_rows: got {k} rows but {len(prompts)} prompts; pass one prompt per row.")
+        if min(len(x) for x in prompts) == 0:
+            raise ValueError("reset_rows: every prompt needs at least one token; got an empty prompt.")
+        p = max(len(x) for x in prompts)
+        ids = np.zeros((k, p), dtype=np.int64)
+        mask = np.zeros((k, p), dtype=np.int64)
+        for i, x in enumerate(prompts):
+            ids[i, p - len(x) :] = x
+            mask[i, p - len(x) :] = 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Append one token per row and return the next-token logits ``(B, V)``.
+
+        Args:
+            tokens: ``(B,)`` token ids, one per row (any valid id for inactive rows).
+            active: optional ``(B,)`` bool tensor; rows where it is False do not consume their
+                token: the new column is masked for them afterwards and their position does not
+                advance, so their context is unchanged. Their returned logits are meaningless.
+        """
+        tokens = tokens.to(self.device, torch.long).view(self.batch_size, 1)
+        logits = self._step_static(tokens, active) if self.backend == "static" else self._step_dynamic(tokens, active)
+        self.positions = self.positions + (1 if active is None else active.to(self.device, torch.long))
+        self._span[self._span >= 0] += 1
+        return logits
+
+    # ------------------------------------------------------------------ static backend
+    def _init_static(self) -> None:
+        """Allocate the ring (B, H, W, D) per layer, shaped like a 1-token forward's cache."""
+        probe = self._forward(
+            input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=DynamicCache()
+        ).past_key_values
+        self._slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        layers = []
+        for layer in probe.layers:
+            k, v = layer.keys, layer.values
+            layers.append(
+                _RingLayer(
+                    k.new_zeros(self.batch_size, k.shape[1], self.window, k.shape[3]),
+                    v.new_zeros(self.batch_size, v.shape[1], self.window, v.shape[3]),
+                    self._slot,
+                )
+            )
+        self._ring = Cache(layers=layers)
+        mask_dtype = layers[0].keys.dtype if layers else self.dtype
+        self._neg = torch.finfo(mask_dtype).min
+        # additive mask: 0 = attend, most negative = masked; (B, 1, 1, W) broadcasts over heads/queries
+        self._mask4d = torch.full((self.batch_size, 1, 1, self.window), self._neg, dtype=mask_dtype, device=self.device)
+        self._tok = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
+
+    def _write_static(self, rows_t: torch.Tensor, fresh: DynamicCache, mask: torch.Tensor) -> None:
+        p = mask.shape[1]
+        slots = (torch.arange(p, device=self.device) + (self._head - p)) % self.window  # the last p columns
+        for ring, new in zip(self._ring.layers, fresh.layers):
+            # transpose views (B, W, H, D) let one index_put write rows x slots in place
+            ring.keys.transpose(1, 2)[rows_t[:, None], slots[None, :]] = new.keys.transpose(1, 2).to(ring.keys.dtype)
+            ring.values.transpose(1, 2)[rows_t[:, None], slots[None, :]] = new.values.transpose(1, 2).to(ring.values.dtype)
+        row_mask = torch.full((len(rows_t), self.window), self._neg, dtype=self._mask4d.dtype, device=self.device)
+        row_mask[:, slots] = torch.where(mask.bool(), 0.0, self._neg).to(row_mask.dtype)
+        self._mask4d[rows_t, 0, 0, :] = row_mask
+
+    def _static_forward(self) -> torch.Tensor:
+        out = self._forward(input_ids=self._tok, attention_mask=self._mask4d, position_ids=self._pos, past_key_values=self._ring)
+        return out.logits[:, -1, :]
+
+    def _step_static(self, tokens: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        slot = self._head % self.window
+        self._slot.fill_(slot)
+        # The new column is visible to every row during this forward (so no row is fully masked);
+        # the column it replaces was the oldest one and is no longer anybody's context.
+        self._mask4d[:, 0, 0, slot] = 0.0
+        self._tok.copy_(tokens)
+        self._pos.copy_(self.positions.view(self.batch_size, 1))
+        if self.cuda_graph:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            logits = self._graph_logits.clone()
+        else:
+            logits = self._static_forward()
+        if active is not None:
+            self._mask4d[:, 0, 0, slot].masked_fill_(~active.to(self.device, torch.bool), self._neg)
+        self._head += 1
+        return logits
+
+    def _capture(self) -> None:
+        """Record the static step as a CUDA graph (warm-up runs on a side stream, as CUDA requires).
+        Warm-ups write the same keys/values into the same slot as the real step, so they are harmless."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._static_forward()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_logits = self._static_forward()
+        self._graph = graph
+
+    # ------------------------------------------------------------------ dynamic backend
+    def _dynamic_initialized(self) -> bool:
+        return len(self.cache.layers) > 0 and all(layer.is_initialized for layer in self.cache.layers)
+
+    def _write_dynamic(self, rows_t: torch.Tensor, fresh: DynamicCache, mask: torch.Tensor) -> None:
+        k, p = mask.shape
+        if not self._dynamic_initialized():  # allocate a zero (all masked) cache of p columns
+            data = [
+                (
+                    layer.keys.new_zeros(self.batch_size, *layer.keys.shape[1:]),
+                    layer.values.new_zeros(self.batch_size, *layer.values.shape[1:]),
+                )
+                for layer in fresh.layers
+            ]
+            self.cache = DynamicCache(ddp_cache_data=data)
+            self._mask2d = torch.zeros(self.batch_size, p, dtype=torch.long, device=self.device)
+        elif p > self.cache_len:  # prepend masked columns so the prompt fits into the last p
+            n = p - self.cache_len
+            for layer in self.cache.layers:
+                layer.keys = torch.cat([layer.keys.new_zeros(*layer.keys.shape[:2], n, layer.keys.shape[3]), layer.keys], 2)
+                layer.values = torch.cat(
+                    [layer.values.new_zeros(*layer.values.shape[:2], n, layer.values.shape[3]), layer.values], 2
+                )
+            self._mask2d = torch.cat([self._mask2d.new_zeros(self.batch_size, n), self._mask2d], dim=1)
+        L = self.cache_len
+        for layer, new in zip(self.cache.layers, fresh.layers):
+            layer.keys[rows_t, :, L - p :] = new.keys.to(layer.keys.dtype)
+            layer.values[rows_t, :, L - p :] = new.values.to(layer.values.dtype)
+        row_mask = torch.zeros(k, L, dtype=torch.long, device=self.device)
+        row_mask[:, L - p :] = mask
+        self._mask2d[rows_t] = row_mask
+
+    def _step_dynamic(self, tokens: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        # During this forward every row's query may look at its own new column, so a row with no
+        # valid context (never reset) still has one key to attend to instead of a fully masked row.
+        mask = torch.cat([self._mask2d, self._mask2d.new_ones(self.batch_size, 1)], dim=1)
+        out = self._forward(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=self.positions.view(self.batch_size, 1),
+            past_key_values=self.cache,
+        )
+        self.cache = out.past_key_values
+        if active is not None:
+            mask = torch.cat([self._mask2d, active.to(self.device, torch.long).view(self.batch_size, 1)], dim=1)
+        self._mask2d = mask
+        self._crop(extra=1)  # step() counts the new column in _span after this
+        return out.logits[:, -1, :]
+
+    def _crop(self, extra: int = 0) -> None:
+        """Drop leftmost columns that no row needs any more (they are masked for every row)."""
+        keep = max(self.window, int(self._span.max()) + extra)
+        excess = self.cache_len - keep
+        if excess <= 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, excess:]
+            layer.values = layer.values[:, :, excess:]
+        self._mask2d = self._mask2d[:, excess:]
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Teacher-forced log-probabilities of a batch of sequences under ``model``.
+
+    Args:
+        model: a causal LM (gradients flow if they are enabled by the caller).
+        input_ids: ``(B, T)`` prompt + completion tokens, padded on either side.
+        attention_mask: ``(B, T)`` 0/1, valid tokens. Position ids are derived from it, so left- and
+            right-padded batches give the same numbers as unpadded rows.
+        completion_mask: ``(B, T)`` 0/1, the tokens whose log-probabilities are wanted (usually the
+            completion). Column 0 is never scored (nothing predicts it).
+
+    Returns:
+        ``(B, T)`` float32: entry ``[b, t]`` is ``log p(input_ids[b, t] | input_ids[b, :t])`` where
+        ``completion_mask[b, t]`` is 1 and 0 elsewhere. Sum over ``t`` for sequence log-probs.
+    """
+    attention_mask = attention_mask.long()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask)).logits
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    # gather - logsumexp avoids materializing a full log_softmax copy of (B, T, V)
+    token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    token_lp = token_lp * completion_mask[:, 1:].to(token_lp.dtype)
+    return torch.cat([token_lp.new_zeros(input_ids.shape[0], 1), token_lp], dim=1)

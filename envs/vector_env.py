@@ -1,0 +1,187 @@
+"""Torch-native vector env: ``N`` token-level RLHF episodes as one batch on the device."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from .core import StepResult, TokenMDPCore
+from .rewards import RewardModel
+from .tasks.base import Task
+from .token_env import token_spaces
+
+__all__ = ["TokenMDPVectorEnv"]
+
+_END_KEYS = ("rm_score", "gold", "ref_logprob_sum", "length")
+
+
+class TokenMDPVectorEnv(VectorEnv):
+    """``N`` copies of :class:`~.token_env.TokenMDPEnv` stepped as one batch; everything stays torch.
+
+    Observations are ``{"input_ids": (N, W), "attention_mask": (N, W)}`` int64 tensors on the env's
+    device, rewards ``(N,)`` float32, terminations/truncations ``(N,)`` bool tensors. ``step`` takes
+    a ``(N,)`` integer tensor (numpy arrays and lists are accepted too). Rewards, spaces and the
+    per-episode semantics are exactly those of the single env; with the same seeds and actions, row
+    ``i`` of ``reset(seed=s)`` behaves like a ``TokenMDPEnv`` reset with ``seed=s + i``.
+
+    Autoreset (``metadata["autoreset_mode"]``):
+
+    * ``NEXT_STEP`` (default): the step after an episode ended starts the next one in that row: its
+      action is ignored, its reward is 0, terminated/truncated are False.
+    * ``SAME_STEP``: the step that ends an episode already returns the next episode's first
+      observation; ``info["final_obs"]`` holds the batched last observations (``(N, W)`` tensors,
+      valid where ``info["_final_obs"]``) and ``info["final_info"]`` the episode-end infos.
+
+    infos (gymnasium's dict-of-arrays layout, each key ``k`` with a bool mask ``_k``):
+    ``ref_logprob`` (``(N,)`` float32 tensor, every step); when episodes end, ``rm_score``, ``gold``,
+    ``ref_logprob_sum`` (float32 tensors), ``length`` (int64 tensor) and ``completion`` (numpy
+    object array of str, because tensors cannot hold text); masks are bool tensors. Rows that start
+    a new episode (every row at ``reset``, autoreset rows in ``step``) report the new prompt's
+    ``prompt_index`` (int64 tensor, masked).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        tokenizer,
+        reference: torch.nn.Module,
+        reward_model: RewardModel,
+        *,
+        num_envs: int = 1,
+        split: str = "train",
+        kl_coef: float = 0.05,
+        max_prompt_tokens: int = 128,
+        max_new_tokens: int = 32,
+        device: str | torch.device = "cpu",
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        compute_ref: bool | None = None,
+        seed: int | None = None,
+    ):
+        self.core = TokenMDPCore(
+            task,
+            tokenizer,
+            reference,
+            reward_model,
+            num_envs=num_envs,
+            split=split,
+            kl_coef=kl_coef,
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            device=device,
+            autoreset_mode=autoreset_mode,
+            compute_ref=compute_ref,
+        )
+        if self.core.autoreset_mode == AutoresetMode.DISABLED:
+            raise ValueError("TokenMDPVectorEnv supports autoreset_mode NEXT_STEP or SAME_STEP, not DISABLED.")
+        self.num_envs = self.core.num_envs
+        self.single_observation_space, self.single_action_space = token_spaces(self.core.vocab_size, self.core.window)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.metadata = {"autoreset_mode": self.core.autoreset_mode, "torch": True, "render_modes": []}
+        if seed is not None:  # seed now (row i <- seed + i), so a first reset() without a seed is reproducible
+            self._np_random, self._np_random_seed = seeding.np_random(seed)
+            self.core.rngs = [seeding.np_random(seed + i)[0] for i in range(self.num_envs)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.core.device
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
+        """Start a new episode in every row. ``seed=s`` seeds row ``i`` with ``s + i``."""
+        if isinstance(seed, (int, np.integer)):
+            super().reset(seed=int(seed))
+        ids, mask = self.core.reset(seed=seed, options=options)
+        idx = torch.as_tensor(self.core.prompt_index, device=self.device)
+        info = {"prompt_index": idx, "_prompt_index": torch.ones(self.num_envs, dtype=torch.bool, device=self.device)}
+        return {"input_ids": ids.clone(), "attention_mask": mask.clone()}, info
+
+    def step(self, actions):
+        r = self.core.step(actions)
+        dev = self.device
+        terminated, truncated = torch.from_numpy(np.stack([r.terminated, r.truncated])).to(dev)  # one copy
+        info: dict[str, Any] = {"ref_logprob": r.ref_logprob}
+        if r.finished.size:
+            end = self._end_info(r)
+            if self.core.autoreset_mode == AutoresetMode.SAME_STEP:
+                fin_mask = self._mask(r.finished)
+                info["final_obs"] = {"input_ids": r.final_input_ids.clone(), "attention_mask": r.final_attention_mask.clone()}
+                info["_final_obs"] = fin_mask
+                info["final_info"] = end
+                info["_final_info"] = fin_mask
+            else:
+                info.update(end)
+        if r.reset_rows.size:
+            idx = torch.zeros(self.num_envs, dtype=torch.long, device=dev)
+            rows = torch.as_tensor(r.reset_rows, device=dev)
+            idx[rows] = torch.as_tensor(self.core.prompt_index[r.reset_rows], device=dev)
+            info["prompt_index"], info["_prompt_index"] = idx, self._mask(r.reset_rows)
+        obs = {"input_ids": r.input_ids.clone(), "attention_mask": r.attention_mask.clone()}
+        return obs, r.reward, terminated, truncated, info
+
+    def _mask(self, rows: np.ndarray) -> torch.Tensor:
+        m = np.zeros(self.num_envs, dtype=bool)
+        m[rows] = True
+        return torch.from_numpy(m).to(self.device)
+
+    def _end_info(self, r: StepResult) -> dict[str, Any]:
+        """Episode-end infos as full-length (N,) arrays with masks (gymnasium's vector layout)."""
+        n, dev, rows = self.num_envs, self.device, r.finished
+        rows_t = torch.as_tensor(rows, device=dev)
+        mask = self._mask(rows)
+        values = {
+            "rm_score": r.rm_score.float(),
+            "gold": torch.as_tensor(r.gold, dtype=torch.float32, device=dev),
+            "ref_logprob_sum": r.ref_logprob_sum.float(),
+            "length": torch.as_tensor(r.length, dtype=torch.long, device=dev),
+        }
+        info: dict[str, Any] = {}
+        for key in _END_KEYS:
+            v = values[key]
+            full = torch.zeros(n, dtype=v.dtype, device=dev).index_copy(0, rows_t, v)
+            info[key], info[f"_{key}"] = full, mask
+        completion = np.full(n, None, dtype=object)
+        for row, text in zip(rows, r.completions):
+            completion[row] = text
+        info["completion"], info["_completion"] = completion, mask
+        return info
+
+    # ------------------------------------------------------------------ sequence-level access
+    @property
+    def task(self) -> Task:
+        return self.core.task
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def reference_model(self) -> torch.nn.Module:
+        return self.core.reference
+
+    @property
+    def reward_model(self) -> RewardModel:
+        return self.core.reward_model
+
+    @property
+    def kl_coef(self) -> float:
+        return self.core.kl_coef
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.core.max_new_tokens
+
+    def prompts(self, split: str = "train", n: int | None = None, start: int = 0) -> list[str]:
+        return self.core.prompts(split, n, start)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        return self.core.score(prompts, completions)
+
+    def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return self.core.gold(prompts, completions)

@@ -1,0 +1,489 @@
+"""The reward side of RLHF: labelers, preference records, reward model, judge, preference model.
+
+Everything runs offline on tiny models built in temp dirs (tests/feedback_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feedback_fixtures import (  # noqa: F401  (fixtures are used by name)
+    ANTI,
+    MARKER,
+    fb_lm_dir,
+    fb_tokenizer,
+    make_lm,
+    make_tokenizer,
+    marker_preferences,
+)
+from rlhfgym.envs.judge import (
+    ConstitutionError,
+    ConstitutionJudge,
+    JudgeTokenError,
+    Principle,
+    judge_agreement,
+    load_constitution,
+)
+from rlhfgym.envs.labelers import Labeler, LabelerPopulation
+from rlhfgym.envs.preference_model import PreferenceModel, evaluate_preference_model, train_preference_model
+from rlhfgym.envs.preferences import (
+    PreferenceDataError,
+    export_jsonl,
+    load_preferences,
+    make_preferences,
+    save_preferences,
+)
+from rlhfgym.envs.reward_model import (
+    RewardModel,
+    evaluate_reward_model,
+    load_scalar_model,
+    prepend_facts,
+    train_reward_model,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the machine is shared: tiny models gain nothing from more threads
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Labelers
+
+
+class FakeTask:
+    """Completions are names of rows in a table of gold components."""
+
+    TABLE = {
+        # Condorcet profiles: X best on coverage, Y on faithfulness, Z on brevity, cyclically
+        "X": {"coverage": 0.9, "faithfulness": -0.6, "distractor": 0.0, "brevity": -0.3},
+        "Y": {"coverage": 0.6, "faithfulness": 0.0, "distractor": 0.0, "brevity": -0.6},
+        "Z": {"coverage": 0.3, "faithfulness": -0.3, "distractor": 0.0, "brevity": 0.0},
+        "best": {"coverage": 1.0, "faithfulness": 0.0, "distractor": 0.0, "brevity": 0.0},
+        "worst": {"coverage": 0.0, "faithfulness": -0.5, "distractor": -0.25, "brevity": -0.2},
+    }
+
+    def gold_components(self, prompt, completion):
+        return dict(self.TABLE[completion])
+
+    def gold_one(self, prompt, completion):
+        return sum(self.TABLE[completion].values())
+
+
+def test_noiseless_gold_labeler_picks_the_higher_gold_score():
+    pop = LabelerPopulation.preset("gold", FakeTask(), temperature=0.0, flip_prob=0.0)
+    a, b = ["best", "worst", "X", "Z"], ["worst", "best", "worst", "Y"]
+    labels = pop.label(["p"] * 4, a, b, rng=0)
+    gold = FakeTask().gold_one
+    expected = [int(gold("p", x) > gold("p", y)) for x, y in zip(a, b)]
+    assert labels.label.tolist()[:3] == expected[:3]
+    # the Condorcet profiles X, Y, Z all have gold 0: a gold tie is a fair coin
+    assert labels.prob.tolist() == [1.0, 0.0, 1.0, 0.5]
+
+
+def test_label_flips_match_the_alpacafarm_noise_model():
+    # temperature 0 and a clear winner: P(label = best) = (1 - 0.25) * 1 + 0.25 * 0.5 = 0.875
+    pop = LabelerPopulation.preset("gold", FakeTask(), temperature=0.0)
+    n = 4000
+    labels = pop.label(["p"] * n, ["best"] * n, ["worst"] * n, rng=1)
+    assert np.allclose(labels.prob, 0.875)
+    se = math.sqrt(0.875 * 0.125 / n)
+    assert abs(labels.label.mean() - 0.875) < 4 * se
+    ceiling = pop.bayes_ceiling(["p"] * n, ["best"] * n, ["worst"] * n, rng=2)
+    assert ceiling.exact == pytest.approx(0.875)
+    assert abs(ceiling.empirical - ceiling.exact) < 4 * se
+
+
+def test_bayes_ceiling_is_mean_of_max_p():
+    pop = LabelerPopulation.preset("alpacafarm", FakeTask())
+    a, b = ["X", "Y", "Z", "best"] * 50, ["Y", "Z", "X", "X"] * 50
+    c = pop.bayes_ceiling(["p"] * len(a), a, b, rng=3)
+    p = pop.population_prob(["p"] * len(a), a, b)
+    assert c.exact == pytest.approx(np.mean(np.maximum(p, 1 - p)))
+    assert 0.5 <= c.exact <= c.exact_known_labeler <= 0.875 + 1e-12
+
+
+def test_intransitive_population_has_cyclic_majority_preferences():
+    task = FakeTask()
+    pop = LabelerPopulation.preset("intransitive", task, temperature=0.01, flip_prob=0.0)
+    p = pop.population_prob(["p"] * 3, ["X", "Y", "Z"], ["Y", "Z", "X"])
+    assert (p > 0.6).all(), p  # X > Y, Y > Z and Z > X by majority: a Condorcet cycle
+    # each single labeler is transitive (utilities are scalars), only the mixture cycles
+    noisy, _ = pop.probabilities(["p"] * 3, ["X", "Y", "Z"], ["Y", "Z", "X"])
+    assert not (noisy > 0.5).all(axis=1).any()
+    # the gold labeler (a single scalar utility) can never cycle
+    g = LabelerPopulation.preset("gold", task, flip_prob=0.0).population_prob(["p"] * 3, ["X", "Y", "Z"], ["Y", "Z", "X"])
+    assert not (g > 0.5).all()
+
+
+def test_labels_become_preference_records():
+    pop = LabelerPopulation.preset("alpacafarm", FakeTask())
+    a, b = ["best", "worst", "X"] * 10, ["worst", "best", "Z"] * 10
+    labels = pop.label(["p"] * 30, a, b, rng=4)
+    ds = labels.to_preferences(["p"] * 30, a, b, soft=True)
+    assert len(ds) == 30 and set(ds["labeler_id"]) <= set(pop.names)
+    for row, x, y, lab, p in zip(ds, a, b, labels.label, labels.prob):
+        assert row["chosen"] == (x if lab else y)
+        assert row["label_prob"] == pytest.approx(p if lab else 1 - p)
+    hard = labels.to_preferences(["p"] * 30, a, b)
+    assert set(hard["label_prob"]) == {1.0}
+
+
+def test_labeler_with_unknown_component_names_the_fix():
+    lab = Labeler("odd", {"humour": 1.0})
+    with pytest.raises(KeyError, match="humour"):
+        LabelerPopulation([lab], FakeTask().gold_components).label(["p"], ["X"], ["Y"])
+
+
+def test_labelers_on_the_micro_news_world():
+    from rlhfgym.envs.tasks.news import NewsTask
+
+    task = NewsTask()
+    prompts = task.prompts("train", 8)
+    expert = [task.reference("train", i, "expert") for i in range(8)]
+    wordy = [task.reference("train", i, "wordy") for i in range(8)]
+    pop = LabelerPopulation.preset("alpacafarm", task)
+    labels = pop.label(prompts, expert, wordy, rng=0)
+    assert labels.prob.shape == (8,) and ((labels.prob >= 0.125) & (labels.prob <= 0.875)).all()
+    gold = LabelerPopulation.preset("gold", task, flip_prob=0.0, temperature=0.0)
+    g = gold.population_prob(prompts, expert, wordy)
+    assert (g >= 0.5).all()  # the expert summary never loses on gold
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference records
+
+
+def _write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_preferences_roundtrip_datasets_dir_and_jsonl(tmp_path):
+    ds = make_preferences(["p1", "p2"], ["good a", "good b"], ["bad a", "bad b"], [1.0, 0.7], ["h1", "h2"])
+    out = tmp_path / "prefs"
+    save_preferences(ds, out)
+    save_preferences(ds.select([1]), out)  # overwriting an existing directory is atomic too
+    assert load_preferences(out).to_list() == ds.select([1]).to_list()
+    assert [p.name for p in tmp_path.iterdir()] == ["prefs"]  # no temp dirs left behind
+    export_jsonl(ds, tmp_path / "prefs.jsonl")
+    back = load_preferences(tmp_path / "prefs.jsonl")
+    assert back.to_list() == ds.to_list()
+    assert back.features == ds.features
+
+
+def test_tldr_schemas_are_read(tmp_path):
+    nested = {
+        "info": {"post": "my cat sat", "title": "cats", "subreddit": "pets"},
+        "summaries": [{"text": " cat sat"}, {"text": " dog ran"}],
+        "choice": 1,
+        "worker": "w7",
+    }
+    flat = {"post": "a post", "summary_0": "s0", "summary_1": "s1", "choice": 0}
+    flat_list = {"prompt": "a prompt", "summaries": ["x", "y"], "choice": 1}
+    ds = load_preferences(_write_jsonl(tmp_path / "tldr.jsonl", [nested, flat, flat_list]))
+    assert ds[0]["chosen"] == " dog ran" and ds[0]["rejected"] == " cat sat"
+    assert ds[0]["prompt"] == "SUBREDDIT: r/pets\nTITLE: cats\nPOST: my cat sat\n\nTL;DR:"
+    assert ds[0]["labeler_id"] == "w7" and ds[0]["label_prob"] == 1.0
+    assert (ds[1]["prompt"], ds[1]["chosen"], ds[1]["rejected"]) == ("a post", "s0", "s1")
+    assert (ds[2]["chosen"], ds[2]["rejected"]) == ("y", "x")
+    # a save_to_disk copy of the TL;DR comparisons (columns info, summaries, choice) reads the same
+    import datasets
+
+    datasets.Dataset.from_list([nested]).save_to_disk(str(tmp_path / "tldr_ds"))
+    assert load_preferences(tmp_path / "tldr_ds").to_list() == ds.select([0]).to_list()
+
+
+GOOD = {"prompt": "p", "chosen": "a", "rejected": "b"}
+
+
+@pytest.mark.parametrize(
+    ("records", "match"),
+    [
+        ([GOOD, {"prompt": "p", "chosen": "a"}], r"record 2: missing field\(s\) \['rejected'\]"),
+        ([GOOD, GOOD, {**GOOD, "label_prob": 1.5}], r"record 3: label_prob 1.5 is outside \[0, 1\]"),
+        ([{"post": "p", "summaries": ["a", "b", "c"], "choice": 0}], r"record 1: mismatched lengths: 3 summaries"),
+        ([{"post": "p", "summaries": ["a", "b"], "choice": 2}], r"record 1: choice 2 is outside \{0, 1\}"),
+        ([{"post": "p", "summaries": ["a", "b"]}], r'record 1: missing field "choice"'),
+        ([{"question": "q", "answer": "a"}], r"record 1: unknown schema with fields \['answer', 'question'\]"),
+        ([{"info": {"title": "t"}, "summaries": ["a", "b"], "choice": 0}], r'missing field "info.post"'),
+    ],
+)
+def test_malformed_preference_files_raise_clear_errors(tmp_path, records, match):
+    path = _write_jsonl(tmp_path / "bad.jsonl", records)
+    with pytest.raises(PreferenceDataError, match=match):
+        load_preferences(path)
+
+
+def test_empty_and_broken_files_raise_clear_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(PreferenceDataError, match="the file is empty"):
+        load_preferences(tmp_path / "empty.jsonl")
+    (tmp_path / "broken.jsonl").write_text(json.dumps(GOOD) + "\n{not json\n")
+    with pytest.raises(PreferenceDataError, match=r"record 2 \(line 2\) is not valid JSON"):
+        load_preferences(tmp_path / "broken.jsonl")
+    with pytest.raises(PreferenceDataError, match="no such file"):
+        load_preferences(tmp_path / "missing.jsonl")
+    (tmp_path / "notds").mkdir()
+    with pytest.raises(PreferenceDataError, match="not a datasets directory"):
+        load_preferences(tmp_path / "notds")
+    with pytest.raises(PreferenceDataError, match="mismatched lengths"):
+        make_preferences(["p", "q"], ["a"], ["b", "c"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward model
+
+
+@pytest.fixture(scope="module")
+def trained_rm(fb_lm_dir, fb_tokenizer):
+    torch.set_num_threads(1)
+    train, held_out = marker_preferences(256, seed=0), marker_preferences(128, seed=1)
+    sft_prompts = held_out["prompt"][:64]
+    sft_completions = held_out["rejected"][:64]  # stand-in for SFT samples
+    rm = train_reward_model(
+        fb_lm_dir, fb_tokenizer, train, held_out, epochs=2, lr=3e-3, batch_size=32, seed=0, progress=False,
+        normalise_on=(sft_prompts, sft_completions),
+    )
+    return rm, held_out, (sft_prompts, sft_completions)
+
+
+def test_reward_model_learns_the_marker_rule(trained_rm):
+    rm, held_out, _ = trained_rm
+    metrics = evaluate_reward_model(rm, held_out)
+    assert metrics["n"] == 128
+    assert metrics["accuracy"] >= 0.9, metrics  # chance is 0.5
+    assert [h["epoch"] for h in rm.history] == [0, 1] and "eval_accuracy" in rm.history[-1]
+
+
+def test_reward_model_is_centred_on_sft_completions(trained_rm):
+    rm, _, (prompts, completions) = trained_rm
+    r = rm.score(prompts, completions)
+    assert r.shape == (64,) and r.dtype == torch.float32
+    assert abs(float(r.mean())) < 1e-4
+    assert rm.offset != 0.0
+
+
+def test_reward_model_scores_do_not_depend_on_batching(trained_rm):
+    rm, held_out, _ = trained_rm
+    prompts, completions = held_out["prompt"][:8], held_out["chosen"][:8]
+    batched = rm.score(prompts, completions)
+    alone = torch.cat([rm.score([p], [c]) for p, c in zip(prompts, completions)])
+    assert torch.allclose(batched, alone, atol=1e-4)
+
+
+def test_reward_model_correlates_with_gold(trained_rm):
+    rm, held_out, _ = trained_rm
+
+    def gold(prompts, completions):  # the rule the labels came from
+        return [float(MARKER in c.split()) for c in completions]
+
+    m = evaluate_reward_model(rm, held_out, gold=gold)
+    assert m["pearson"] > 0.7 and m["spearman"] > 0.7 and m["gold_pair_accuracy"] >= 0.9
+
+
+def test_reward_model_save_load_roundtrip(trained_rm, tmp_path):
+    rm, held_out, _ = trained_rm
+    rm.save(tmp_path / "rm")
+    assert (tmp_path / "rm" / "reward_config.json").is_file()
+    back = RewardModel.load(tmp_path / "rm")
+    assert back.offset == rm.offset
+    prompts, completions = held_out["prompt"][:8], held_out["chosen"][:8]
+    assert torch.allclose(back.score(prompts, completions), rm.score(prompts, completions), atol=1e-5)
+
+
+def test_soft_labels_are_respected(fb_lm_dir, fb_tokenizer):
+    """Half the records list the marker completion as 'rejected' with label_prob 0 (it still won):
+    a loss that ignored label_prob would learn nothing (or the opposite rule)."""
+    base = marker_preferences(256, seed=2)
+    rows = base.to_list()
+    for i, r in enumerate(rows):
+        if i % 2:
+            r["chosen"], r["rejected"], r["label_prob"] = r["rejected"], r["chosen"], 0.0
+    train = make_preferences(*[[r[k] for r in rows] for k in ("prompt", "chosen", "rejected", "label_prob")])
+    rm = train_reward_model(fb_lm_dir, fb_tokenizer, train, epochs=2, lr=3e-3, batch_size=32, progress=False)
+    assert evaluate_reward_model(rm, marker_preferences(128, seed=3))["accuracy"] >= 0.9
+
+
+def test_format_input_hook_and_fact_prepending(fb_lm_dir, fb_tokenizer):
+    fmt = prepend_facts(lambda prompt: "w1 w2")
+    assert fmt("summarize : w3 tl;dr :", "w4") == "w1 w2 summarize : w3 tl;dr : w4"
+    model = load_scalar_model(fb_lm_dir, fb_tokenizer)
+    rm = RewardModel(model, fb_tokenizer, format_input=lambda p, c: "w1 w2 w3")
+    r = rm.score(["a", "b"], ["c", "d good"])
+    assert r[0] == r[1]  # the model only sees what format_input gives it
+
+    from rlhfgym.envs.tasks.news import NewsTask
+
+    task = NewsTask()
+    prompt = task.prompt("train", 0)
+    text = prepend_facts(task.facts)(prompt, "x")
+    key = [f.clause() for f in task.facts(prompt) if f.key]
+    assert text == " ".join(key) + " " + prompt + " x"
+
+
+def test_causal_lm_object_becomes_a_scalar_model(fb_tokenizer):
+    lm = make_lm(fb_tokenizer, seed=5)
+    model = load_scalar_model(lm, fb_tokenizer)
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+    assert torch.equal(model.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Constitution judge
+
+
+class MarkerJudgeLM(torch.nn.Module):
+    """A stub judge LM with a known answer: logit(A) - logit(B) = 3 * (#marker in option A -
+    #marker in option B) + 1 (the +1 is a position bias toward "A")."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.vocab = len(tokenizer)
+        self.a_id, self.b_id = tokenizer.convert_tokens_to_ids(["A", "B"])
+        self.marker = tokenizer.convert_tokens_to_ids(MARKER)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for r, row in enumerate(input_ids.tolist()):
+            # the template is "... ( A ) <a> ( B ) <b> answer (": options lie between the A and B labels
+            start = row.index(self.a_id)
+            split = row.index(self.b_id, start + 1)
+            count_a = sum(t == self.marker for t in row[start:split])
+            count_b = sum(t == self.marker for t in row[split:])
+            logits[r, :, self.a_id] = 3.0 * (count_a - count_b) + 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+TEMPLATE = "{principle} {prompt} ( A ) {a} ( B ) {b} answer ("
+PRINCIPLES = [Principle("rule", "w1 w2"), Principle("other", "w3")]
+
+
+def test_judge_cancels_position_bias_and_flips_with_swapped_content(fb_tokenizer):
+    judge = ConstitutionJudge(MarkerJudgeLM(fb_tokenizer), fb_tokenizer, PRINCIPLES, template=TEMPLATE)
+    prompts, a, b = ["w5 w6", "w7"], [f"w1 {MARKER}", "w2 w3"], ["w4", f"w9 {MARKER} w1"]
+    p_ab, p_ba = judge.prefer(prompts, a, b), judge.prefer(prompts, b, a)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # a wins: order AB gives sigmoid(3 + 1); order BA gives P("B") = sigmoid(3 - 1)
+    expected_win = 0.5 * (sig(4.0) + sig(2.0))
+    assert p_ab.tolist() == pytest.approx([expected_win, 1 - expected_win], abs=1e-6)
+    assert torch.allclose(p_ab + p_ba, torch.ones(2), atol=1e-6)
+    # one order only: the position bias shows and the swap identity fails
+    biased = ConstitutionJudge(MarkerJudgeLM(fb_tokenizer), fb_tokenizer, PRINCIPLES, template=TEMPLATE, debias=False)
+    assert biased.prefer(prompts, a, b).tolist() == pytest.approx([sig(4.0), sig(-2.0)], abs=1e-6)
+    assert not torch.allclose(biased.prefer(prompts, a, b) + biased.prefer(prompts, b, a), torch.ones(2), atol=0.05)
+    assert judge.per_principle(prompts, a, b).shape == (2, 2)
+
+
+def test_judge_clamp_and_reward_against_a_reference(fb_tokenizer):
+    refs = {"w5": "w2 w3", "w6": f"{MARKER} w1"}
+    judge = ConstitutionJudge(
+        MarkerJudgeLM(fb_tokenizer), fb_tokenizer, PRINCIPLES, clamp=(0.4, 0.6), template=TEMPLATE, reference=refs
+    )
+    p = judge.prefer(["w5", "w6"], [f"w1 {MARKER}", "w4"], ["w2", f"w9 {MARKER}"])
+    assert p.tolist() == pytest.approx([0.6, 0.4])
+    r = judge.score(["w5", "w6"], ["w2 w3", f"{MARKER} w1"])  # the references themselves
+    assert r.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    r = judge.score(["w5", "w6"], [f"{MARKER} w4", "w4"])
+    assert r.tolist() == pytest.approx([0.1, -0.1])
+    agreement = judge_agreement(judge, make_preferences(["w5"], [f"{MARKER}"], ["w4"]))
+    assert agreement == {"n": 1, "all": 1.0, "rule": 1.0, "other": 1.0}
+
+
+def test_judge_with_a_real_tiny_lm_is_antisymmetric(fb_tokenizer):
+    lm = make_lm(fb_tokenizer, seed=1)
+    judge = ConstitutionJudge(lm, fb_tokenizer, PRINCIPLES, template=TEMPLATE, batch_size=3)
+    prompts, a, b = ["w1 w2", "w3", "w4 w5 w6"], ["w7", f"{MARKER} w8 w9", "w1"], ["w2 w3 w4", "w5", f"w6 {ANTI}"]
+    p_ab, p_ba = judge.prefer(prompts, a, b), judge.prefer(prompts, b, a)
+    assert torch.allclose(p_ab + p_ba, torch.ones(3), atol=1e-5)
+    assert ((p_ab > 0) & (p_ab < 1)).all()
+
+
+def test_judge_tokenizer_without_answer_tokens_names_them(fb_tokenizer):
+    lm = make_lm(fb_tokenizer)
+    with pytest.raises(JudgeTokenError, match=r"no single token for answer token\(s\) \['Yes', 'No'\]"):
+        ConstitutionJudge(lm, fb_tokenizer, PRINCIPLES, template=TEMPLATE, answer_tokens=("Yes", "No"))
+    vocab = make_tokenizer().get_vocab()
+    no_ab = make_tokenizer([t for t in sorted(vocab, key=vocab.get) if t not in ("A", "B")])
+    with pytest.raises(JudgeTokenError, match=r"\['A', 'B'\]"):
+        ConstitutionJudge(make_lm(no_ab), no_ab, PRINCIPLES)
+
+
+def test_constitution_files(tmp_path):
+    micro = load_constitution("micro")
+    assert micro.names == ["coverage", "faithfulness", "relevance", "brevity"]
+    assert all(p.text for p in micro)
+    for text, match in [
+        ("principles: []\n", "has no principles"),
+        ("", "has no principles"),
+        ("- name: a\n  text: b\n- name: c\n", "principle 2 lacks a non-empty text"),
+        ("- just a string\n", "principle 1 is a str, not a mapping"),
+        ("principles: [\n", "not valid YAML"),
+        ("- name: a\n  text: b\n- name: a\n  text: c\n", "repeats the name 'a'"),
+    ]:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConstitutionError, match=match):
+            load_constitution(path)
+    with pytest.raises(ConstitutionError, match="has no principles"):
+        ConstitutionJudge(torch.nn.Linear(1, 1), make_tokenizer(), [])
+    with pytest.raises(ConstitutionError, match="no such constitution"):
+        load_constitution(tmp_path / "nope.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference model
+
+
+def test_preference_model_is_antisymmetric_by_construction(fb_lm_dir, fb_tokenizer):
+    pm = PreferenceModel(load_scalar_model(fb_lm_dir, fb_tokenizer), fb_tokenizer, batch_size=2)
+    prompts, a, b = ["w1", "w2 w3", "w4"], ["w5 w6", "good", "w7"], ["w8", "w9 w10", "w7"]
+    p_ab, p_ba = pm.prefer(prompts, a, b), pm.prefer(prompts, b, a)
+    assert torch.allclose(p_ab + p_ba, torch.ones(3), atol=1e-5)
+    assert p_ab[2] == pytest.approx(0.5, abs=1e-6)  # a completion ties with itself
+    assert not torch.allclose(p_ab[:2], torch.full((2,), 0.5), atol=1e-4)  # yet it is not constant
+
+
+def test_preference_model_learns_the_marker_rule(fb_lm_dir, fb_tokenizer, tmp_path):
+    train, held_out = marker_preferences(256, seed=4), marker_preferences(128, seed=5)
+    pm = train_preference_model(fb_lm_dir, fb_tokenizer, train, held_out, epochs=2, lr=3e-3, batch_size=32, progress=False)
+    metrics = evaluate_preference_model(pm, held_out)
+    assert metrics["accuracy"] >= 0.9, metrics
+    p = pm.prefer(held_out["prompt"][:8], held_out["chosen"][:8], held_out["rejected"][:8])
+    q = pm.prefer(held_out["prompt"][:8], held_out["rejected"][:8], held_out["chosen"][:8])
+    assert torch.allclose(p + q, torch.ones(8), atol=1e-5)
+    pm.save(tmp_path / "pm")
+    back = PreferenceModel.load(tmp_path / "pm")
+    assert torch.allclose(back.prefer(held_out["prompt"][:8], held_out["chosen"][:8], held_out["rejected"][:8]), p, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# With the shared fixtures (tests/conftest.py): a task that has a gold scorer but no components
+
+
+def test_feedback_pipeline_on_a_task_without_gold_components(toy_task, tiny_lm_dir, tiny_tokenizer):
+    prompts = toy_task.prompts("train", 12)
+    good = [" ".join(p.split()[2:9]) for p in prompts]  # the first sentence: every key word
+    bad = ["today" for _ in prompts]
+    gold = LabelerPopulation.preset("gold", toy_task, temperature=0.0, flip_prob=0.0)
+    labels = gold.label(prompts, good, bad, rng=0)
+    assert labels.label.tolist() == [1] * 12  # the gold labeler reads task.gold_one
+    with pytest.raises(KeyError, match=r"the task only gives \['gold'\]"):
+        LabelerPopulation.preset("alpacafarm", toy_task).label(prompts, good, bad)
+
+    prefs = labels.to_preferences(prompts, good, bad)
+    rm = RewardModel(load_scalar_model(tiny_lm_dir, tiny_tokenizer), tiny_tokenizer, batch_size=5)
+    assert rm.score(prompts, good).shape == (12,)
+    m = evaluate_reward_model(rm, prefs, gold=toy_task)
+    assert m["n"] == 12 and 0.0 <= m["accuracy"] <= 1.0 and -1.0 <= m["spearman"] <= 1.0

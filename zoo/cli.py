@@ -1,0 +1,286 @@
+"""``rlhf-zoo``: the command line of the zoo.
+
+Each subcommand is one :class:`Command`: a name, a one-line help, a function that adds its
+arguments, and a function that runs it. ``run`` imports the implementation *inside* the function,
+so ``rlhf-zoo --help`` never imports torch or transformers and answers instantly.
+
+Adding a subcommand (``train``, ``leaderboard``, ``plot``, ...)::
+
+    def _train_args(p):
+        p.add_argument("algo")
+        p.add_argument("env_id")
+
+    def _train(args):
+        from rlhfgym.zoo.train import train   # lazy: heavy imports happen here
+        train(args.algo, args.env_id)
+
+    COMMANDS.append(Command("train", "train an agent", _train_args, _train))
+
+Errors caused by user input (``ValueError`` or any exception class defined in an ``rlhfgym``
+module, plus gymnasium's registry errors) print one line to stderr and exit with status 2; pass
+``--debug`` to see the traceback instead. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PROG = "rlhf-zoo"
+USER_ERROR_EXIT = 2
+SPLITS = ("train", "validation", "test")  # = rlhfgym.envs.tasks.base.SPLITS, repeated to keep --help light
+DEFAULT_ASSET_VERSION = "micro-v0"  # = rlhfgym.envs.assets.DEFAULT_VERSION
+
+
+class CLIError(Exception):
+    """A problem the user can fix, reported as one line without a traceback."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``rlhf-zoo`` subcommand."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Any]
+
+
+# --------------------------------------------------------------------------------------------
+# argument types (argparse turns their ValueError/ArgumentTypeError into a usage error, exit 2)
+# --------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (checked for availability by the code that uses it)."""
+    if text in ("cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
+
+
+def comma_list(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list such as tokenizer,sft")
+    return items
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every (sub)command accepts; pass as ``parents=[common_options()]`` to nested parsers.
+
+    ``--debug`` is also accepted after the command; its SUPPRESS default keeps a subparser from
+    resetting a ``--debug`` given before the command.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    return common
+
+
+def load_impl(module: str, attr: str) -> Callable[..., Any]:
+    """Import ``module.attr`` now (not at startup); a missing rlhfgym module becomes a clear error."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+            raise CLIError(
+                f"{module} is not part of this install of rlhf-gym; reinstall it with `pip install -e .` "
+                "from a complete checkout."
+            ) from e
+        raise  # a third-party dependency is missing: its own message says which
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise CLIError(f"{module} has no {attr}(); this install of rlhf-gym is incomplete, reinstall it.") from None
+
+
+def check_env_id(env_id: str) -> None:
+    """Fail early, with suggestions, on an env id that no imported package registered."""
+    import gymnasium as gym
+
+    import rlhfgym.envs  # noqa: F401  (importing registers the RLHF-* ids)
+
+    if env_id in gym.registry:
+        return
+    ours = sorted(k for k, spec in gym.registry.items() if str(spec.entry_point).startswith("rlhfgym"))
+    close = difflib.get_close_matches(env_id, list(gym.registry), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listed = ", ".join(ours) if ours else "none are registered (is rlhfgym.envs installed correctly?)"
+    raise CLIError(f"unknown environment id {env_id!r}.{hint} rlhf-gym environments: {listed}.")
+
+
+# --------------------------------------------------------------------------------------------
+# play
+# --------------------------------------------------------------------------------------------
+
+
+def _play_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("env_id", help="environment id, e.g. RLHF-Summarize-Gold-v0")
+    p.add_argument("--n", type=positive_int, default=1, help="number of prompts to play (default: 1)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="prompt split (default: test)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (default: 1.0)")
+
+
+def _play(args: argparse.Namespace) -> Any:
+    check_env_id(args.env_id)
+    play = load_impl("rlhfgym.zoo.play", "play")
+    return play(
+        args.env_id, n=args.n, split=args.split, seed=args.seed, device=args.device, temperature=args.temperature
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# build-assets
+# --------------------------------------------------------------------------------------------
+
+
+def _build_assets_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--version", default=DEFAULT_ASSET_VERSION, help=f"asset version to build (default: {DEFAULT_ASSET_VERSION})"
+    )
+    p.add_argument("--out", metavar="DIR", default=None, help="write here instead of into the installed package")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="build seed (default: 0)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--only", type=comma_list, default=None, metavar="A,B", help="build only these components, e.g. tokenizer,sft"
+    )
+
+
+def _build_assets(args: argparse.Namespace) -> Any:
+    build_assets = load_impl("rlhfgym.envs.build", "build_assets")
+    only = ",".join(args.only) if args.only else None  # build_assets takes "tokenizer,sft" as one string
+    return build_assets(version=args.version, out=args.out, seed=args.seed, device=args.device, only=only)
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    targets = p.add_subparsers(dest="target", metavar="TARGET", required=True)
+    env = targets.add_parser(
+        "env", help="environment throughput (tokens/s of the batched token MDP)", parents=[common_options()]
+    )
+    env.add_argument("--batch", type=positive_int, default=64, help="parallel episodes (default: 64)")
+    env.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per episode (default: 32)")
+    env.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    env.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (default: 3)")
+    env.set_defaults(bench=_bench_env)
+
+
+def _bench_env(args: argparse.Namespace) -> Any:
+    bench_env = load_impl("rlhfgym.zoo.bench", "bench_env")
+    return bench_env(batch=args.batch, max_new_tokens=args.max_new_tokens, device=args.device, repeats=args.repeats)
+
+
+def _bench(args: argparse.Namespace) -> Any:
+    return args.bench(args)
+
+
+COMMANDS: list[Command] = [
+    Command("play", "sample completions in an environment and show their rewards", _play_args, _play),
+    Command("build-assets", "rebuild the frozen assets (tokenizer, SFT policy, reward model)", _build_assets_args, _build_assets),
+    Command("bench", "measure throughput", _bench_args, _bench),
+    # later: Command("train", ...), Command("leaderboard", ...), Command("plot", ...)
+]
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _package_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("rlhf-gym")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="rlhf-gym zoo: play, benchmark and rebuild the RLHF environments.",
+        epilog=f"Run `{PROG} COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=[common_options()])
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """ValueError, exceptions defined by rlhfgym, and gymnasium's errors (e.g. an unregistered env id)."""
+    if isinstance(exc, (ValueError, CLIError)):  # CLIError: under `python -m` its module is __main__
+        return True
+    gym_error = getattr(sys.modules.get("gymnasium.error"), "Error", None)
+    if gym_error is not None and isinstance(exc, gym_error):
+        return True
+    return any(getattr(cls, "__module__", "").startswith("rlhfgym.") for cls in type(exc).__mro__)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (its class name if it has no message)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``rlhf-zoo``; returns the exit status (0 ok, 2 usage or user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug or not is_user_error(exc):
+            raise
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
