@@ -1,1 +1,27 @@
-"""placeholder"""
+"""Learners behind one small interface (:class:`Agent`), and their registry.
+
+    import rlhfgym.agents
+    agent = rlhfgym.agents.make("ppo", learning_rate=1e-4)
+    agent.learn(env, budget=20_000)
+
+Built-in agents are imported on first use; external packages register through the entry-point
+group ``rlhfgym.agents`` (see CONTRIBUTING.md).
+"""
+
+from .base import Agent, AgentError, agent_class, load, make, register, registered
+
+BUILTIN_AGENTS = {
+    "ppo": "rlhfgym.agents.ppo:PPO",
+    "reinforce": "rlhfgym.agents.reinforce:Reinforce",
+    "rloo": "rlhfgym.agents.reinforce:RLOO",
+    "dpo": "rlhfgym.agents.dpo:DPO",
+    "kto": "rlhfgym.agents.dpo:KTO",
+    "rest": "rlhfgym.agents.rest:ReST",
+    "nash-md": "rlhfgym.agents.nash_md:NashMD",
+    "sft": "rlhfgym.agents.sft:SFT",
+    "best-of-n": "rlhfgym.agents.best_of_n:BestOfN",
+}
+for _name, _target in BUILTIN_AGENTS.items():
+    register(_name, _target)
+
+__all__ = ["Agent", "AgentError", "make", "load", "register", "registered", "agent_class", "BUILTIN_AGENTS"]

@@ -16,7 +16,10 @@ all (unless ``compute_ref=True``) and ``ref_logprob`` is reported as ``0.0``.
 The single env (:mod:`.token_env`), the torch vector env (:mod:`.vector_env`) and the SB3 adaptor
 (:mod:`.sb3`) are thin views of this class. Everything per step stays batched on the device; the
 only device-to-host transfer per step is one small ``(2, N)`` bool tensor (invalid actions, EOS),
-plus the completions of the episodes that ended (decoded once, in one ``batch_decode``).
+plus the completions of the episodes that ended (decoded once, in one ``batch_decode``, and scored
+by the reward model in one call). The reference model is stepped with :class:`~.lm.IncrementalLM`
+(one forward per step for all rows; a replayed CUDA graph on GPUs), and its forward is launched
+before the finished episodes are decoded and scored, so the GPU works while the host scores.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from gymnasium.error import ResetNeeded
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 
@@ -152,10 +156,10 @@ class TokenMDPCore:
         compute_ref: bool | None = None,
     ):
         if not isinstance(task, Task):
-            raise TypeError(f"task must be a rlhfgym.envs.tasks.base.Task, got {type(task).__name__}.")
+            raise ValueError(f"task must be a rlhfgym.envs.tasks.base.Task, got {type(task).__name__}.")
         task.check_split(split)
         if not isinstance(reward_model, RewardModel):
-            raise TypeError(
+            raise ValueError(
                 f"reward_model must have a score(prompts, completions) -> Tensor method, got {type(reward_model).__name__}."
             )
         if int(num_envs) < 1:
@@ -296,7 +300,7 @@ class TokenMDPCore:
             indices = np.asarray(indices, dtype=np.int64)
             bad = indices[(indices < 0) | (indices >= size)]
             if bad.size:
-                raise IndexError(f"prompt_index {int(bad[0])} is outside split {self.split!r} of size {size}; use 0..{size - 1}.")
+                raise ValueError(f"prompt_index {int(bad[0])} is outside split {self.split!r} of size {size}; use 0..{size - 1}.")
         cached = self._prompts_and_tokens(indices)
         tokens = [t for _, t in cached]
 
@@ -327,12 +331,12 @@ class TokenMDPCore:
     def _as_actions(self, actions) -> torch.Tensor:
         if isinstance(actions, torch.Tensor):
             if actions.dtype.is_floating_point or actions.dtype == torch.bool or actions.is_complex():
-                raise TypeError(f"actions must be integer token ids, got a {actions.dtype} tensor.")
+                raise ValueError(f"actions must be integer token ids, got a {actions.dtype} tensor.")
             a = actions.to(self.device, torch.long)
         else:
             arr = np.asarray(actions)
             if arr.dtype.kind not in "iu":
-                raise TypeError(f"actions must be integer token ids, got {arr.dtype} ({actions!r:.60}).")
+                raise ValueError(f"actions must be integer token ids, got {arr.dtype} ({actions!r:.60}).")
             a = torch.from_numpy(arr.astype(np.int64, copy=False)).to(self.device)
         if a.numel() != self.num_envs or (a.ndim > 1):
             raise ValueError(f"expected {self.num_envs} action(s) (one token id per env), got shape {tuple(a.shape)}.")
@@ -341,9 +345,9 @@ class TokenMDPCore:
     def step(self, actions) -> StepResult:
         """Append one token per row; see the module docstring for rewards and :class:`StepResult`."""
         if not self.started:
-            raise RuntimeError("step() called before reset(); call reset() first.")
+            raise ResetNeeded("step() called before reset(); call reset() first.")
         if self.autoreset_mode == AutoresetMode.DISABLED and self.done.any():
-            raise RuntimeError(
+            raise ResetNeeded(
                 "step() called after the episode ended (terminated or truncated); call reset() to start a new one."
             )
         n, device = self.num_envs, self.device

@@ -142,7 +142,8 @@ class IncrementalLM:
         if backend == "auto":
             backend = "static" if attn in ("sdpa", "eager") else "dynamic"
         self.backend = backend
-        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else bool(cuda_graph)
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graph = (on_cuda and backend == "static") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and (backend != "static" or self.device.type != "cuda"):
             raise ValueError("cuda_graph=True needs backend='static' and a model on a CUDA device.")
         # Prefills only need the last position's logits; skip the (p, V) projection when the

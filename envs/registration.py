@@ -99,7 +99,7 @@ def build_components(
     elif isinstance(reference, (str, os.PathLike)):
         reference = AutoModelForCausalLM.from_pretrained(reference)
     elif not isinstance(reference, torch.nn.Module):
-        raise TypeError(f"reference must be None, a path, a hub name or a causal LM, got {type(reference).__name__}.")
+        raise ValueError(f"reference must be None, a path, a hub name or a causal LM, got {type(reference).__name__}.")
 
     if reward_model is None:
         reward_model = "gold"
@@ -108,7 +108,7 @@ def build_components(
             raise ValueError(f"unknown reward model {reward_model!r}; use one of {sorted(REWARD_MODELS)} or pass an object.")
         reward_model = REWARD_MODELS[reward_model](task, tokenizer, device)
     elif not isinstance(reward_model, RewardModel):
-        raise TypeError(
+        raise ValueError(
             f"reward_model must be a name ({sorted(REWARD_MODELS)}) or have score(prompts, completions); "
             f"got {type(reward_model).__name__}."
         )

@@ -36,7 +36,7 @@ class SB3VecEnv(VecEnv):
     def __init__(self, venv: TokenMDPVectorEnv):
         venv = venv.unwrapped
         if not isinstance(venv, TokenMDPVectorEnv):
-            raise TypeError(f"SB3VecEnv wraps a TokenMDPVectorEnv, got {type(venv).__name__}.")
+            raise ValueError(f"SB3VecEnv wraps a TokenMDPVectorEnv, got {type(venv).__name__}.")
         if venv.core.autoreset_mode != AutoresetMode.SAME_STEP:
             raise ValueError(
                 "SB3 needs SAME_STEP autoreset; create the vector env with autoreset_mode='SameStep' "

@@ -40,7 +40,8 @@ class TokenMDPEnv(gym.Env):
     **Action**: ``Discrete(V)``, the next token id (``V = len(tokenizer)``).
 
     **Episode end**: *terminated* when the action is the EOS token; *truncated* after
-    ``max_new_tokens`` actions. Stepping after either raises an error: call ``reset()``.
+    ``max_new_tokens`` actions. Stepping after either raises ``gymnasium.error.ResetNeeded``:
+    call ``reset()``.
 
     **Reward** for action ``a_t`` in state ``s_t`` (prompt + the tokens so far)::
 

@@ -44,6 +44,19 @@ class TokenMDPVectorEnv(VectorEnv):
     object array of str, because tensors cannot hold text); masks are bool tensors. Rows that start
     a new episode (every row at ``reset``, autoreset rows in ``step``) report the new prompt's
     ``prompt_index`` (int64 tensor, masked).
+
+    A policy kept in step with the env by :class:`~.lm.IncrementalLM` (same loop for both modes)::
+
+        obs, info = envs.reset(seed=0)
+        lm = IncrementalLM(policy, envs.num_envs, window=obs["input_ids"].shape[1])
+        logits = lm.reset_rows(range(envs.num_envs), obs["input_ids"], obs["attention_mask"])
+        for _ in range(n_steps):
+            actions = torch.distributions.Categorical(logits=logits).sample()
+            obs, rewards, terminated, truncated, info = envs.step(actions)
+            logits = lm.step(actions)
+            if "prompt_index" in info:  # rows that started a new episode: prefill their prompts
+                rows = info["_prompt_index"].nonzero().view(-1)
+                logits[rows] = lm.reset_rows(rows, obs["input_ids"][rows], obs["attention_mask"][rows])
     """
 
     def __init__(
@@ -117,11 +130,11 @@ class TokenMDPVectorEnv(VectorEnv):
                 info["_final_info"] = fin_mask
             else:
                 info.update(end)
-        if r.reset_rows.size:
-            idx = torch.zeros(self.num_envs, dtype=torch.long, device=dev)
-            rows = torch.as_tensor(r.reset_rows, device=dev)
-            idx[rows] = torch.as_tensor(self.core.prompt_index[r.reset_rows], device=dev)
-            info["prompt_index"], info["_prompt_index"] = idx, self._mask(r.reset_rows)
+        if r.reset_rows.size:  # rows that started a new episode in this step
+            started = np.zeros(self.num_envs, dtype=bool)
+            started[r.reset_rows] = True
+            info["prompt_index"] = torch.from_numpy(np.where(started, self.core.prompt_index, 0)).to(dev)
+            info["_prompt_index"] = torch.from_numpy(started).to(dev)
         obs = {"input_ids": r.input_ids.clone(), "attention_mask": r.attention_mask.clone()}
         return obs, r.reward, terminated, truncated, info
 

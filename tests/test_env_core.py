@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode
 
 from rlhfgym.envs.core import TokenMDPCore
@@ -168,7 +169,7 @@ def test_reset_options(make_env, toy_task):
     assert info["prompt_index"] == 5 and info["prompt"] == toy_task.prompt("train", 5)
     _, info = env.reset(options={"split": "test", "prompt_index": 2})
     assert info["prompt"] == toy_task.prompt("test", 2)
-    with pytest.raises(IndexError, match="outside split 'test' of size 8"):
+    with pytest.raises(ValueError, match="outside split 'test' of size 8"):
         env.reset(options={"prompt_index": 8})
     with pytest.raises(ValueError, match="unknown reset option"):
         env.reset(options={"promt_index": 1})
@@ -194,17 +195,17 @@ def test_error_action_out_of_range(make_env):
         env.step(V)
     with pytest.raises(ValueError, match="out of range"):
         env.step(-1)
-    with pytest.raises(TypeError, match="integer token ids"):
+    with pytest.raises(ValueError, match="integer token ids"):
         env.step(1.5)
 
 
 def test_error_step_after_episode_end(make_env):
     env = make_env()
-    with pytest.raises(RuntimeError, match="before reset"):
+    with pytest.raises(ResetNeeded, match="before reset"):
         env.step(1)
     env.reset(seed=0)
     env.step(eos_id(env))
-    with pytest.raises(RuntimeError, match=r"after the episode ended.*call reset\(\)"):
+    with pytest.raises(ResetNeeded, match=r"after the episode ended.*call reset\(\)"):
         env.step(7)
 
 
@@ -335,9 +336,39 @@ def test_sb3_adaptor(make_env):
 
 
 def test_core_rejects_bad_configuration(toy_task, tiny_tokenizer, tiny_lm):
-    with pytest.raises(TypeError, match="score"):
+    with pytest.raises(ValueError, match="score"):
         TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, reward_model=object())
     with pytest.raises(ValueError, match="unknown autoreset_mode"):
         TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), autoreset_mode="sometimes")
     with pytest.raises(ValueError, match="max_new_tokens"):
         TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), max_new_tokens=0)
+
+
+@pytest.mark.parametrize("mode", ["NextStep", "SameStep"])
+def test_agent_incremental_lm_stays_in_sync(make_env, mode):
+    """The loop in TokenMDPVectorEnv's docstring: an agent whose policy *is* the reference model
+    sees exactly the env's log pi_ref(a|s) for every action, across autoresets."""
+    from rlhfgym.envs.lm import IncrementalLM
+
+    N = 3
+    envs = make_env(vector=True, num_envs=N, autoreset_mode=mode)
+    obs, info = envs.reset(seed=0)
+    lm = IncrementalLM(envs.reference_model, N, window=obs["input_ids"].shape[1])
+    logits = lm.reset_rows(range(N), obs["input_ids"], obs["attention_mask"])
+    g = torch.Generator().manual_seed(0)
+    acted = ~envs.core.done.copy()
+    resets = 0
+    for _ in range(3 * MAX_NEW):
+        logprobs = torch.log_softmax(logits.float(), -1)
+        actions = torch.multinomial(logprobs.exp(), 1, generator=g).view(-1)
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        mine = logprobs.gather(1, actions.view(-1, 1)).view(-1)
+        acting = torch.as_tensor(acted)
+        torch.testing.assert_close(info["ref_logprob"][acting], mine[acting], atol=1e-4, rtol=0)
+        logits = lm.step(actions)
+        if "prompt_index" in info:
+            rows = info["_prompt_index"].nonzero().view(-1)
+            resets += len(rows)
+            logits[rows] = lm.reset_rows(rows, obs["input_ids"][rows], obs["attention_mask"][rows])
+        acted = ~envs.core.done.copy()  # NEXT_STEP: rows that just ended do not act next step
+    assert resets >= N

@@ -1,0 +1,348 @@
+"""The one small interface every learner implements, and the agent registry.
+
+An agent owns a policy (usually a :class:`~rlhfgym.agents.policy.CausalLMPolicy`) and trains it
+against an rlhf-gym environment::
+
+    agent = rlhfgym.agents.make("ppo", env=env, learning_rate=1e-4)
+    agent.learn(env, budget=20_000)
+    agent.generate(["summarize : ... tl;dr :"])
+    agent.save("runs/ppo"); agent = rlhfgym.agents.load("runs/ppo")
+
+``budget`` is counted in **completions**: every completion the agent samples from a policy, or
+consumes from a dataset (a preference pair counts two), costs one unit. Algorithms are compared
+at equal budgets this way, whatever they do with the samples.
+
+External packages add agents through the entry-point group ``rlhfgym.agents``::
+
+    [project.entry-points."rlhfgym.agents"]
+    my_agent = "my_package.agent:MyAgent"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "agent.json"
+
+
+class AgentError(ValueError):
+    """A bad hyperparameter, budget, checkpoint or policy/env mismatch."""
+
+
+class Agent(ABC):
+    """Base class of all learners.
+
+    Subclasses set :attr:`name`, declare their hyperparameters as keyword arguments of
+    ``__init__`` (validated there, with errors that say the allowed range), store them in
+    ``self.config`` (a JSON-serialisable dict), and implement :meth:`learn`.
+
+    ``callback(agent, metrics: dict) -> bool | None`` is called after each update; returning
+    ``False`` stops training early.
+    """
+
+    name: str = "agent"
+
+    def __init__(self, policy=None, *, device: str = "cpu", seed: int = 0, **config: Any):
+        self.policy = policy
+        self.device = device
+        self.seed = int(seed)
+        self.config: dict[str, Any] = {"device": device, "seed": self.seed, **config}
+        self.spent = 0  # completions sampled or consumed so far
+
+    # ------------------------------------------------------------------ learning
+    @abstractmethod
+    def learn(self, env, budget: int, callback: Callable[["Agent", dict], bool | None] | None = None) -> "Agent":
+        """Train on ``env`` until ``budget`` completions are spent (or the callback says stop)."""
+
+    def check_budget(self, budget: int) -> int:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+            raise AgentError(f"{self.name}: budget must be a positive number of completions, got {budget!r}.")
+        return budget
+
+    # ------------------------------------------------------------------ acting
+    def generate(self, prompts: Sequence[str], *, temperature: float = 1.0, max_new_tokens: int | None = None) -> list[str]:
+        """Completions for ``prompts`` from the current policy (greedy when ``temperature == 0``)."""
+        if self.policy is None:
+            raise AgentError(f"{self.name}: no policy yet; call learn(env, budget) or load(dir) first.")
+        return self.policy.generate_text(prompts, temperature=temperature, max_new_tokens=max_new_tokens)
+
+    def predict(self, obs, deterministic: bool = False):
+        """Next-token actions for token-env observations (a dict with ``input_ids``/``attention_mask``)."""
+        if self.policy is None:
+            raise AgentError(f"{self.name}: no policy yet; call learn(env, budget) or load(dir) first.")
+        return self.policy.act(obs, deterministic=deterministic)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Save the policy (Hugging Face ``save_pretrained`` format) and the agent's config, atomically."""
+        from rlhfgym.envs.assets import atomic_save_dir, atomic_write_text
+
+        directory = Path(directory)
+        with atomic_save_dir(directory) as tmp:
+            if self.policy is not None:
+                self.policy.save(Path(tmp) / "policy")
+            self.save_extra(Path(tmp))
+            atomic_write_text(
+                Path(tmp) / CONFIG_FILE,
+                json.dumps({"format": FORMAT_VERSION, "agent": self.name, "spent": self.spent, "config": self.config}, indent=2),
+            )
+        return directory
+
+    def save_extra(self, directory: Path) -> None:
+        """Hook: write algorithm state beside the policy (optimizer, controller, ...)."""
+
+    def load_extra(self, directory: Path) -> None:
+        """Hook: read what :meth:`save_extra` wrote."""
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | None = None) -> "Agent":
+        """Load an agent saved with :meth:`save` (use :func:`rlhfgym.agents.load` when the class is unknown)."""
+        from .policy import CausalLMPolicy
+
+        directory = Path(directory)
+        meta = read_agent_config(directory)
+        if meta["agent"] != cls.name and cls is not Agent:
+            raise AgentError(f"{directory} holds a {meta['agent']!r} agent, not {cls.name!r}; use rlhfgym.agents.load().")
+        config = dict(meta["config"])
+        if device is not None:
+            config["device"] = device
+        agent = cls(**config)
+        if (directory / "policy").exists():
+            agent.policy = CausalLMPolicy.from_pretrained(directory / "policy", device=config.get("device", "cpu"))
+        agent.spent = int(meta.get("spent", 0))
+        agent.load_extra(directory)
+        return agent
+
+
+def read_agent_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise AgentError(f"{directory} is not a saved agent (no {CONFIG_FILE}); save one with agent.save(dir).")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise AgentError(
+            f"{path} was written by agent format {meta.get('format')!r}, this rlhf-gym reads format {FORMAT_VERSION}; "
+            "retrain, or load it with the rlhf-gym version that wrote it."
+        )
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Agent] | str] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register(name: str, cls: type[Agent] | str, *, override: bool = False) -> None:
+    """Register an agent class (or a ``"module:Class"`` string, imported on first use) under ``name``."""
+    if name in _REGISTRY and not override:
+        raise AgentError(f"an agent named {name!r} is already registered; pass override=True to replace it.")
+    _REGISTRY[name] = cls
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in metadata.entry_points(group="rlhfgym.agents"):
+        _REGISTRY.setdefault(ep.name, ep.value)
+
+
+def registered() -> list[str]:
+    """Names of every known agent (built-in, registered, and from installed entry points)."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def agent_class(name: str) -> type[Agent]:
+    _load_entry_points()
+    if name not in _REGISTRY:
+        raise AgentError(f"unknown agent {name!r}; known agents: {', '.join(registered())}.")
+    cls = _REGISTRY[name]
+    if isinstance(cls, str):
+        import importlib
+
+        module, _, attr = cls.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        _REGISTRY[name] = cls
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise AgentError(f"agent {name!r} resolves to {cls!r}, which is not a subclass of rlhfgym.agents.Agent.")
+    return cls
+
+
+def make(name: str, **hyperparams: Any) -> Agent:
+    """Create a registered agent by name with its hyperparameters."""
+    return agent_class(name)(**hyperparams)
+
+
+def load(directory: str | os.PathLike, device: str | None = None) -> Agent:
+    """Load any saved agent; the class is read from the checkpoint."""
+    meta = read_agent_config(Path(directory))
+    return agent_class(meta["agent"]).load(directory, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+# Shared by the learn() loops: policy/env checks, resumable checkpoints, TensorBoard, tqdm, callback.
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+def check_policy_env(agent: Agent, policy, env) -> None:
+    """Raise :class:`AgentError` unless ``policy`` speaks the env's tokens (same vocabulary and EOS)."""
+    env_tok, tok = env.unwrapped.tokenizer, policy.tokenizer
+    if tok is env_tok:
+        return
+    if tok.get_vocab() != env_tok.get_vocab() or tok.eos_token_id != env_tok.eos_token_id:
+        raise AgentError(
+            f"{agent.name}: the policy's tokenizer ({len(tok)} tokens, eos id {tok.eos_token_id}) is not the env's "
+            f"({len(env_tok)} tokens, eos id {env_tok.eos_token_id}); the env scores token ids, so start from the "
+            "env's reference model (CausalLMPolicy.from_env(env)) or a model trained with its tokenizer."
+        )
+
+
+def reference_for(policy, env):
+    """The env's frozen reference model ``pi_ref`` on the policy's device (copied only if the devices differ)."""
+    import copy
+
+    ref = env.unwrapped.reference_model
+    if next(ref.parameters()).device != policy.device:
+        ref = copy.deepcopy(ref).to(policy.device)
+    return ref.eval().requires_grad_(False)
+
+
+def save_train_state(directory: Path, state: dict) -> None:
+    """Write the optimizer and algorithm state of a run beside the policy (atomic, torch.save format)."""
+    import io
+
+    import torch
+
+    from rlhfgym.envs.assets import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(Path(directory) / TRAIN_STATE_FILE, buf.getvalue())
+
+
+def load_train_state(directory: Path, device: str = "cpu") -> dict | None:
+    import torch
+
+    path = Path(directory) / TRAIN_STATE_FILE
+    return torch.load(path, map_location=device, weights_only=False) if path.exists() else None
+
+
+class TrainingRun:
+    """The bookkeeping of one ``learn()`` call, so an algorithm's file holds only its algorithm::
+
+        with TrainingRun(self, budget, callback=..., checkpoint_dir=..., checkpoint_every=..., log_dir=...) as run:
+            run.resume()                  # a checkpoint in checkpoint_dir -> policy, spent, load_extra()
+            ...build the optimizer, restore the train state...
+            while not run.done:
+                ...one update on n completions...
+                run.update(n, metrics)    # count, log, checkpoint, ask the callback (sets run.stopped)
+        # on leaving: a final checkpoint (not after an exception: the last good one stays), logs flushed
+
+    ``budget`` is the agent's *total*: a fresh agent spends ``budget`` completions, a resumed one the rest.
+    ``checkpoint_dir`` is a whole saved agent (``rlhfgym.agents.load(checkpoint_dir)`` works), replaced
+    atomically every ``checkpoint_every`` completions and at the end; give each run its own directory.
+    """
+
+    def __init__(self, agent: Agent, budget: int, *, callback=None, checkpoint_dir=None, checkpoint_every=None,
+                 log_dir=None, progress_bar: bool = True):
+        self.agent, self.budget, self.callback = agent, agent.check_budget(budget), callback
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):
+            raise AgentError(f"{agent.name}: checkpoint_every must be a positive number of completions or None, got {checkpoint_every!r}.")
+        if checkpoint_every is not None and checkpoint_dir is None:
+            raise AgentError(f"{agent.name}: checkpoint_every={checkpoint_every} needs a checkpoint_dir to write to.")
+        if callback is not None and not callable(callback):
+            raise AgentError(f"{agent.name}: callback must be callable as callback(agent, metrics) -> bool | None.")
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.log_dir, self.progress_bar = log_dir, progress_bar
+        self._writer = self._bar = None
+        self._last_saved = agent.spent
+        self.stopped = False
+
+    def resume(self) -> bool:
+        """Continue from ``checkpoint_dir`` when it holds a saved agent of this kind: policy, ``spent``, train state."""
+        agent, ckpt = self.agent, self.checkpoint_dir
+        if ckpt is None or not (ckpt / CONFIG_FILE).exists():
+            return False
+        meta = read_agent_config(ckpt)
+        if meta["agent"] != agent.name:
+            raise AgentError(f"{ckpt} holds a {meta['agent']!r} checkpoint, not {agent.name!r}; use another checkpoint_dir.")
+        changed = sorted(k for k in set(meta["config"]) | set(agent.config)
+                         if k != "device" and meta["config"].get(k) != agent.config.get(k))
+        if changed:
+            import warnings
+
+            warnings.warn(f"{agent.name}: resuming {ckpt} with changed hyperparameters {changed}; the new values apply.",
+                          stacklevel=3)
+        from .policy import CausalLMPolicy
+
+        if (ckpt / "policy").exists():
+            agent.policy = CausalLMPolicy.from_pretrained(ckpt / "policy", device=agent.device)
+        agent.spent = int(meta.get("spent", 0))
+        agent.load_extra(ckpt)
+        self._last_saved = agent.spent
+        return True
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.agent.spent >= self.budget
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.budget - self.agent.spent)
+
+    def update(self, n: int, metrics: dict) -> bool:
+        """Count ``n`` completions, log ``metrics``, checkpoint when due; False when the callback says stop."""
+        agent = self.agent
+        agent.spent += int(n)
+        if self._bar is None and self.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.budget, initial=agent.spent - int(n), desc=agent.name, unit="completion")
+        if self._bar is not None:
+            self._bar.update(int(n))
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4]}, refresh=False)
+        if self.log_dir is not None:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.log_dir))
+            for k, v in metrics.items():
+                self._writer.add_scalar(f"{agent.name}/{k}", float(v), agent.spent)
+        if self.checkpoint_every is not None and agent.spent - self._last_saved >= self.checkpoint_every:
+            self.save()
+        if self.callback is not None and self.callback(agent, dict(metrics, spent=agent.spent)) is False:
+            self.stopped = True
+        return not self.stopped
+
+    def save(self) -> None:
+        if self.checkpoint_dir is not None:
+            self.agent.save(self.checkpoint_dir)
+            self._last_saved = self.agent.spent
+
+    def close(self, save: bool = True) -> None:
+        """Final checkpoint (also after a callback stop, so an early stop is kept), flush logs."""
+        if save and self._last_saved != self.agent.spent:
+            self.save()
+        if self._writer is not None:
+            self._writer.close()
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # after a crash keep the last good checkpoint: the state in memory may be half-updated
+        self.close(save=exc_type is None)

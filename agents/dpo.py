@@ -1,0 +1,840 @@
+"""Direct preference optimisation: DPO / IPO / hinge (Rafailov et al. 2023; Azar et al. 2023) and KTO
+(Ethayarajh et al. 2024), offline on a preference dataset or online on pairs of the current policy.
+
+DPO turns the KL-regularised RLHF objective ``max E[r(x, y)] - beta KL(pi || pi_ref)`` into a
+classification loss on preference pairs: its optimum is ``pi*(y|x) ∝ pi_ref(y|x) exp(r(x, y) / beta)``,
+so ``r(x, y) = beta log pi*(y|x)/pi_ref(y|x) + const`` and the Bradley-Terry likelihood of a pair
+(y_w preferred over y_l) only needs log-probabilities::
+
+    h(x, y_w, y_l) = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+
+    sigmoid  (DPO):    l(h) = -log sigmoid(beta h)
+    ipo      (IPO):    l(h) = (h - 1/(2 tau))^2             tau = beta
+    hinge    (SLiC):   l(h) = max(0, 1 - beta h)
+
+A label is P(y_w > y_l) = p (``label_prob``: 1 for a hard click, soft for an AI or a noisy labeler),
+mixed with ``label_smoothing`` eps (conservative DPO) into ``q = (1 - eps) p + eps (1 - p)``::
+
+    loss = q l(h) + (1 - q) l(-h)
+
+(for IPO this is ``(h - (2q - 1)/(2 tau))^2`` up to a constant: the target margin shrinks with the
+label's confidence).
+
+KTO needs no pairs: each completion is only *desirable* or *undesirable* (a preference pair gives
+one of each). With ``r = log pi(y|x)/pi_ref(y|x)`` and ``z0`` a detached estimate of
+KL(pi || pi_ref) from mismatched (prompt, completion) pairs of the batch, clipped at 0::
+
+    desirable:    lambda_D (1 - sigmoid(beta (r - z0)))
+    undesirable:  lambda_U (1 - sigmoid(beta (z0 - r)))
+
+Data (``online=False``): a preference ``datasets.Dataset`` (or a path read with
+:func:`rlhfgym.envs.preferences.load_preferences`) passed to :meth:`learn` or as ``dataset=``;
+without one, pairs are built from the env: two completions per training prompt sampled from the
+reference policy, labelled by a :class:`~rlhfgym.envs.labelers.LabelerPopulation` preset over the
+task's gold components. ``online=True``: every round samples two completions per prompt from the
+*current* policy and labels them (with the labelers, or with ``judge(prompts, a, b) -> P(a > b)``
+passed to :meth:`learn`, e.g. a preference model or a constitution judge).
+
+Budget: completions consumed; a pair costs 2 the first time it is trained on (further epochs over
+the same pairs are free, as PPO's epochs over one batch of samples are).
+
+This module also holds the plumbing shared by the preference-family agents (``rest.py`` and
+``nash_md.py`` import it): env/policy checks, checkpoint-and-resume, TensorBoard and progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Agent, AgentError, read_agent_config
+
+__all__ = ["DPO", "KTO", "TrainingAgent", "make_preference_pairs", "LOSS_TYPES"]
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+TRAINER_FILE = "trainer.pt"
+
+
+# ============================================================================================
+# Plumbing shared by DPO, KTO, ReST and Nash-MD
+# ============================================================================================
+
+
+def check_range(name: str, agent: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """Raise :class:`AgentError` unless ``low (<|<=) value (<|<=) high``; returns the value."""
+    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
+    if bad_type or (isinstance(value, float) and not math.isfinite(value)):
+        raise AgentError(f"{agent}: {name} must be a{'n integer' if integer else ' finite number'}, got {value!r}.")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        raise AgentError(f"{agent}: {name} must satisfy {lo}{name}{hi}, got {value!r}.")
+    return value
+
+
+def env_core(env, agent: str):
+    """``env.unwrapped`` after checking it offers the sequence-level access agents need."""
+    core = getattr(env, "unwrapped", env)
+    missing = [a for a in ("tokenizer", "reference_model", "prompts", "score", "task") if not hasattr(core, a)]
+    if missing:
+        raise AgentError(
+            f"{agent}: env {env!r} lacks {missing}; pass an rlhf-gym env such as gym.make('RLHF-Summarize-Gold-v0')."
+        )
+    return core
+
+
+def check_tokenizer(policy, core, agent: str) -> None:
+    """The policy must speak the env's tokens: same vocabulary and the same EOS."""
+    mine, theirs = policy.tokenizer, core.tokenizer
+    if mine is theirs:
+        return
+    if len(mine) != len(theirs) or mine.get_vocab() != theirs.get_vocab() or mine.eos_token_id != theirs.eos_token_id:
+        raise AgentError(
+            f"{agent}: the policy's tokenizer ({len(mine)} tokens, eos {mine.eos_token!r}) does not match the env's "
+            f"({len(theirs)} tokens, eos {theirs.eos_token!r}); start from the env's reference model "
+            "(CausalLMPolicy.from_env(env)) or build the env with this policy's tokenizer and reference."
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sub_seed(seed: int, *keys: int) -> int:
+    """A deterministic seed for (seed, round, ...): lets a resumed run redraw exactly the same data."""
+    return int(np.random.SeedSequence([int(seed) % 2**32, *[int(k) % 2**32 for k in keys]]).generate_state(1)[0])
+
+
+def pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
+    """Stack two (B, T) tensors along the batch after right-padding to the same T."""
+    t = max(a.shape[1], b.shape[1])
+    a = F.pad(a, (0, t - a.shape[1]), value=value)
+    b = F.pad(b, (0, t - b.shape[1]), value=value)
+    return torch.cat([a, b], 0)
+
+
+def trim(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop trailing columns that are padding in every row (less compute in teacher forcing)."""
+    t = max(int(mask.sum(1).max()), 1) if mask.numel() else 1
+    return tokens[:, :t], mask[:, :t]
+
+
+def encode_completions(policy, completions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion texts -> (B, T) token ids ending in EOS (as the SFT data and the env end them),
+    cut to the policy's ``max_new_tokens``, right-padded, and their mask."""
+    ids = policy.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    ids = [(row + [policy.eos_id])[: policy.max_new_tokens] for row in ids]
+    t = max(map(len, ids))
+    tokens = torch.full((len(ids), t), policy.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(ids), t, dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return tokens, mask
+
+
+def sequence_logps(policy, prompt_ids, tokens, mask, *, model=None) -> torch.Tensor:
+    """sum_t log pi(y_t | x, y_<t) for each row, (B,) (gradients flow unless the caller disables them)."""
+    tokens, mask = trim(tokens, mask)
+    return policy.forward_logprobs(prompt_ids, tokens, mask, model=model).sum(-1)
+
+
+@torch.no_grad()
+def batched_logps(policy, prompt_ids, tokens, mask, *, model=None, batch_size: int = 64) -> torch.Tensor:
+    """:func:`sequence_logps` without gradients, in chunks (reference log-probs, evaluation)."""
+    out = []
+    for s in range(0, len(prompt_ids), batch_size):
+        out.append(sequence_logps(policy, prompt_ids[s:s + batch_size], tokens[s:s + batch_size],
+                                  mask[s:s + batch_size], model=model).float())
+    return torch.cat(out) if out else torch.zeros(0, device=policy.device)
+
+
+def reference_model_for(core, policy):
+    """The env's reference model, copied to the policy's device when the env lives elsewhere."""
+    ref = core.reference_model
+    if next(ref.parameters()).device != policy.device:
+        ref = copy.deepcopy(ref).to(policy.device)
+    ref.eval()
+    return ref
+
+
+def labeler_population(core, name: str, temperature: float | None, flip_prob: float | None):
+    from rlhfgym.envs.labelers import LabelerPopulation
+
+    return LabelerPopulation.preset(name, core.task, temperature=temperature, flip_prob=flip_prob)
+
+
+def as_preference_fn(fn, agent: str) -> Callable:
+    """A callable ``(prompts, a, b) -> P(a > b)``: a function or an object with ``prefer``."""
+    if fn is None:
+        return None
+    if hasattr(fn, "prefer") and callable(fn.prefer):
+        return fn.prefer
+    if callable(fn):
+        return fn
+    raise AgentError(f"{agent}: a judge/preference must be callable(prompts, a, b) -> P(a > b) or have .prefer(); got {fn!r}.")
+
+
+def preference_probs(fn, prompts, a, b, agent: str) -> torch.Tensor:
+    p = torch.as_tensor(fn(list(prompts), list(a), list(b)), dtype=torch.float32).detach().cpu().reshape(-1)
+    if p.shape[0] != len(prompts) or not bool(((p >= 0) & (p <= 1)).all()):
+        raise AgentError(f"{agent}: the preference function must return {len(prompts)} probabilities in [0, 1], got {p}.")
+    return p
+
+
+def reference_policy(core, device=None):
+    """A :class:`CausalLMPolicy` view of the env's frozen reference, with the env's window."""
+    from .policy import CausalLMPolicy
+
+    inner = getattr(core, "core", core)
+    return CausalLMPolicy(core.reference_model, core.tokenizer, max_prompt_tokens=getattr(inner, "max_prompt_tokens", 96),
+                          max_new_tokens=core.max_new_tokens, device=device or core.device)
+
+
+def make_preference_pairs(env, n_pairs: int, split: str = "train", *, policy=None, labelers: str = "gold",
+                          labeler_temperature: float | None = None, labeler_flip_prob: float | None = None,
+                          soft_labels: bool = False, temperature: float = 1.0, seed: int = 0, start: int | None = None,
+                          judge=None):
+    """``n_pairs`` labelled pairs on prompts of ``split``: two completions per prompt sampled from
+    ``policy`` (default: the env's reference policy), labelled by the labeler preset (or ``judge``).
+
+    Prompts are ``n_pairs`` consecutive prompts from ``start`` (default: a seeded random offset).
+    Returns a preference ``datasets.Dataset`` (see :mod:`rlhfgym.envs.preferences`).
+    """
+    core = env_core(env, "make_preference_pairs")
+    policy = policy if policy is not None else reference_policy(core)
+    size = core.task.split_size(split)
+    if start is None:
+        start = int(np.random.default_rng(sub_seed(seed, 7)).integers(0, max(size - n_pairs, 0) + 1))
+    prompts = core.prompts(split, n_pairs, start)
+    torch.manual_seed(sub_seed(seed, 8))
+    a = policy.generate_text(prompts, temperature=temperature)
+    b = policy.generate_text(prompts, temperature=temperature)
+    ds, _ = label_pairs(core, prompts, a, b, labelers=labelers, labeler_temperature=labeler_temperature,
+                        labeler_flip_prob=labeler_flip_prob, soft_labels=soft_labels, seed=seed,
+                        judge=as_preference_fn(judge, "make_preference_pairs"))
+    return ds
+
+
+def label_pairs(core, prompts, a, b, *, labelers, labeler_temperature, labeler_flip_prob, soft_labels, seed, judge=None):
+    """Preference records for pairs (a, b): one simulated labeler per pair, or the judge's P(a > b)
+    (the judge's choice is its argmax). Returns ``(dataset, picked_a)``."""
+    from rlhfgym.envs.preferences import make_preferences
+
+    if judge is None:
+        pop = labeler_population(core, labelers, labeler_temperature, labeler_flip_prob)
+        labels = pop.label(prompts, a, b, rng=np.random.default_rng(sub_seed(seed, 9)))
+        return labels.to_preferences(prompts, a, b, soft=soft_labels), labels.label.astype(bool)
+    p = preference_probs(judge, prompts, a, b, "judge").numpy()
+    pick_a = p >= 0.5
+    chosen = [x if k else y for x, y, k in zip(a, b, pick_a)]
+    rejected = [y if k else x for x, y, k in zip(a, b, pick_a)]
+    label_prob = np.where(pick_a, p, 1 - p) if soft_labels else np.ones(len(p))
+    return make_preferences(list(prompts), chosen, rejected, label_prob.tolist(), "judge"), pick_a
+
+
+class TrainingAgent(Agent):
+    """What every preference-family agent needs around its update: a policy that matches the env,
+    the frozen reference, an optimizer, checkpoint/resume, TensorBoard and a progress bar.
+
+    ``learn(..., checkpoint_dir=d, checkpoint_every=k)`` saves the agent (policy, config, ``spent``,
+    optimizer and the trainer's counters) atomically to ``d/last`` every ``k`` updates (at the next
+    point where the algorithm's state is complete, e.g. the end of a round) and at the end; a later
+    ``learn`` with the same ``checkpoint_dir`` resumes from it: the policy, ``spent``, the optimizer
+    and the position in the run are restored, and data are redrawn from the same seeds.
+
+    ``budget`` counts the completions of *this run* (a resumed run continues the interrupted one).
+    """
+
+    #: hyperparameters that do not change what is learned (a resumed run may differ in them)
+    RUNTIME_KEYS = ("device", "log_dir", "progress")
+
+    def __init__(self, policy=None, *, device: str = "cpu", seed: int = 0, log_dir: str | None = None,
+                 progress: bool = True, **config: Any):
+        if log_dir is not None and not isinstance(log_dir, str):
+            log_dir = str(log_dir)
+        super().__init__(policy, device=device, seed=seed, log_dir=log_dir, progress=bool(progress), **config)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.trainer_state: dict[str, Any] = {}
+        self._pending_optimizer: dict | None = None
+        self._writer = None
+        self._bar = None
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, env, budget: int):
+        """Checks, policy, reference. Returns ``(core, reference_model)``."""
+        from .policy import CausalLMPolicy
+
+        self.check_budget(budget)
+        core = env_core(env, self.name)
+        if self.policy is None:
+            self.policy = CausalLMPolicy.from_env(env, device=self.device)
+        check_tokenizer(self.policy, core, self.name)
+        return core, reference_model_for(core, self.policy)
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        if self._pending_optimizer is not None:
+            opt.load_state_dict(self._pending_optimizer)
+            self._pending_optimizer = None
+            for group in opt.param_groups:
+                group["lr"] = lr
+        self.optimizer = opt
+        return opt
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self, checkpoint_dir) -> bool:
+        """Load ``checkpoint_dir/last`` into this agent if it exists; True when resumed."""
+        from .policy import CausalLMPolicy
+
+        self.trainer_state = {}
+        if checkpoint_dir is None:
+            return False
+        last = Path(checkpoint_dir) / "last"
+        if not (last / "agent.json").exists():
+            return False
+        meta = read_agent_config(last)
+        if meta["agent"] != self.name:
+            raise AgentError(
+                f"{self.name}: {last} holds a checkpoint of a {meta['agent']!r} agent; use another checkpoint_dir."
+            )
+        differs = sorted(k for k in set(meta["config"]) | set(self.config)
+                         if k not in self.RUNTIME_KEYS and meta["config"].get(k) != self.config.get(k))
+        if differs:
+            warnings.warn(f"{self.name}: resuming {last} whose hyperparameters differ in {differs}; using this agent's.",
+                          stacklevel=3)
+        if (last / "policy").exists():
+            self.policy = CausalLMPolicy.from_pretrained(last / "policy", device=self.device)
+        self.spent = int(meta.get("spent", 0))
+        self.load_extra(last)
+        return True
+
+    def _checkpoint(self, checkpoint_dir) -> None:
+        if checkpoint_dir is not None:
+            self.save(Path(checkpoint_dir) / "last")
+
+    def save_extra(self, directory: Path) -> None:
+        if self.optimizer is None and not self.trainer_state:
+            return
+        torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                    "state": self.trainer_state}, Path(directory) / TRAINER_FILE)
+
+    def load_extra(self, directory: Path) -> None:
+        path = Path(directory) / TRAINER_FILE
+        if path.exists():
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+            self._pending_optimizer = blob.get("optimizer")
+            self.trainer_state = dict(blob.get("state") or {})
+
+    # ------------------------------------------------------------------ logging
+    def _open_logs(self, total: int, initial: int = 0) -> None:
+        from tqdm.auto import tqdm
+
+        if self.config.get("log_dir"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.config["log_dir"])
+        self._bar = tqdm(total=total, initial=min(initial, total), desc=self.name, unit="completion",
+                         disable=not self.config.get("progress", True), leave=False)
+
+    def _log(self, metrics: dict[str, Any], advanced: int = 0) -> None:
+        """TensorBoard scalars at x = completions spent; progress bar; ``metrics`` gains ``spent``."""
+        metrics["spent"] = self.spent
+        if self._writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "spent":
+                    self._writer.add_scalar(f"{self.name}/{k}", v, self.spent)
+        if self._bar is not None:
+            if advanced:
+                self._bar.update(advanced)
+            shown = {k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "accuracy", "reward", "win_rate")}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def _close_logs(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _step(self, loss: torch.Tensor) -> float:
+        """One optimizer step with gradient clipping; returns the gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config["max_grad_norm"])
+        self.optimizer.step()
+        return float(norm)
+
+
+# ============================================================================================
+# Preference data as tensors
+# ============================================================================================
+
+
+@dataclass
+class Pairs:
+    """Labelled pairs, tokenised: ``chosen``/``rejected`` (N, T) with masks, ``label_prob`` (N,)
+    = P(chosen > rejected), and the reference's sequence log-probs of both (computed once)."""
+
+    prompt_ids: list[list[int]]
+    chosen: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected: torch.Tensor
+    rejected_mask: torch.Tensor
+    label_prob: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, idx) -> "Pairs":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = (lambda t: None if t is None else t[idx.to(t.device)])
+        return Pairs([self.prompt_ids[i] for i in idx.tolist()], pick(self.chosen), pick(self.chosen_mask),
+                     pick(self.rejected), pick(self.rejected_mask), pick(self.label_prob),
+                     pick(self.ref_chosen), pick(self.ref_rejected))
+
+    @classmethod
+    def from_dataset(cls, policy, ds) -> "Pairs":
+        """Tokenise a preference dataset (prompts as the env encodes them, completions + EOS)."""
+        chosen, chosen_mask = encode_completions(policy, ds["chosen"])
+        rejected, rejected_mask = encode_completions(policy, ds["rejected"])
+        return cls(policy.encode_prompts(list(ds["prompt"])), chosen, chosen_mask, rejected, rejected_mask,
+                   torch.tensor(ds["label_prob"], dtype=torch.float32))
+
+    def with_reference(self, policy, ref_model) -> "Pairs":
+        """Fill in the reference log-probs log pi_ref(y|x) of both completions (no gradients)."""
+        self.ref_chosen = batched_logps(policy, self.prompt_ids, self.chosen, self.chosen_mask, model=ref_model)
+        self.ref_rejected = batched_logps(policy, self.prompt_ids, self.rejected, self.rejected_mask, model=ref_model)
+        return self
+
+
+def resolve_dataset(dataset, agent: str):
+    """A preference dataset from a ``datasets.Dataset`` or a path (validated either way)."""
+    from rlhfgym.envs.preferences import load_preferences, validate_preferences
+
+    if dataset is None:
+        return None
+    if isinstance(dataset, (str, Path)):
+        return load_preferences(dataset)
+    if hasattr(dataset, "column_names"):
+        return validate_preferences(dataset, f"{agent} dataset")
+    raise AgentError(f"{agent}: dataset must be a datasets.Dataset or a path, got {type(dataset).__name__}.")
+
+
+# ============================================================================================
+# DPO
+# ============================================================================================
+
+
+class DPO(TrainingAgent):
+    """Direct preference optimisation (sigmoid / IPO / hinge losses), offline or online.
+
+    Args:
+        beta: the KL strength of the implicit RLHF objective (DPO's beta; IPO's tau). > 0.
+        loss_type: "sigmoid" (DPO), "ipo", "hinge".
+        label_smoothing: eps in [0, 0.5): the assumed chance a label is flipped (conservative DPO).
+        learning_rate, batch_size (pairs per update), epochs (passes over each batch of data),
+        max_grad_norm: the optimiser.
+        online: sample fresh pairs from the current policy every round (Online DPO) instead of
+            training on a fixed dataset.
+        pairs_per_round: prompts (= pairs) sampled per online round.
+        temperature: sampling temperature for pairs built from the env.
+        labelers: the :class:`~rlhfgym.envs.labelers.LabelerPopulation` preset that labels pairs
+            built from the env ("gold", "alpacafarm", "intransitive"); labeler_temperature /
+            labeler_flip_prob override the preset's; soft_labels keeps the labeler's probability
+            as ``label_prob`` instead of a hard click.
+        dataset: a path to a preference dataset (JSON-serialisable form of ``learn(dataset=...)``).
+    """
+
+    name = "dpo"
+
+    def __init__(self, policy=None, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 learning_rate: float = 1e-4, batch_size: int = 16, epochs: int = 1, max_grad_norm: float = 1.0,
+                 online: bool = False, pairs_per_round: int = 64, temperature: float = 1.0,
+                 labelers: str = "gold", labeler_temperature: float | None = None,
+                 labeler_flip_prob: float | None = None, soft_labels: bool = False, dataset: str | None = None,
+                 **kwargs: Any):
+        n = self.name
+        check_range("beta", n, beta, low=0, low_open=True)
+        if loss_type not in LOSS_TYPES:
+            raise AgentError(f"{n}: unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}.")
+        check_range("label_smoothing", n, label_smoothing, low=0, high=0.5, high_open=True)
+        super().__init__(policy, beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
+                         **self._common_config(learning_rate, batch_size, epochs, max_grad_norm, online, pairs_per_round,
+                                               temperature, labelers, labeler_temperature, labeler_flip_prob,
+                                               soft_labels, dataset), **kwargs)
+
+    def _common_config(self, learning_rate, batch_size, epochs, max_grad_norm, online, pairs_per_round, temperature,
+                       labelers, labeler_temperature, labeler_flip_prob, soft_labels, dataset) -> dict[str, Any]:
+        from rlhfgym.envs.labelers import PRESETS
+
+        n = self.name
+        check_range("learning_rate", n, learning_rate, low=0, low_open=True)
+        check_range("batch_size", n, batch_size, low=1, integer=True)
+        check_range("epochs", n, epochs, low=1, integer=True)
+        check_range("max_grad_norm", n, max_grad_norm, low=0, low_open=True)
+        check_range("pairs_per_round", n, pairs_per_round, low=1, integer=True)
+        check_range("temperature", n, temperature, low=0, low_open=True)
+        if labelers not in PRESETS:
+            raise AgentError(f"{n}: unknown labelers preset {labelers!r}; use one of {', '.join(PRESETS)}.")
+        if labeler_temperature is not None:
+            check_range("labeler_temperature", n, labeler_temperature, low=0)
+        if labeler_flip_prob is not None:
+            check_range("labeler_flip_prob", n, labeler_flip_prob, low=0, high=1)
+        if dataset is not None and not isinstance(dataset, (str, Path)):
+            raise AgentError(f"{n}: dataset= in the constructor must be a path; pass a Dataset object to learn(dataset=...).")
+        return dict(learning_rate=float(learning_rate), batch_size=batch_size, epochs=epochs,
+                    max_grad_norm=float(max_grad_norm), online=bool(online), pairs_per_round=pairs_per_round,
+                    temperature=float(temperature), labelers=labelers, labeler_temperature=labeler_temperature,
+                    labeler_flip_prob=labeler_flip_prob, soft_labels=bool(soft_labels),
+                    dataset=None if dataset is None else str(dataset))
+
+    # ------------------------------------------------------------------ the loss
+    def loss(self, batch: Pairs) -> tuple[torch.Tensor, dict[str, float]]:
+        """The DPO-family loss of a batch of pairs (gradients flow into the policy)."""
+        cfg, policy = self.config, self.policy
+        beta = cfg["beta"]
+        # one forward over [chosen; rejected]
+        logp = sequence_logps(policy, batch.prompt_ids * 2, pad_cat(batch.chosen, batch.rejected, policy.pad_id),
+                              pad_cat(batch.chosen_mask, batch.rejected_mask, 0))
+        logp_w, logp_l = logp.split(len(batch))
+        # h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
+        ratio_w = logp_w - batch.ref_chosen
+        ratio_l = logp_l - batch.ref_rejected
+        h = ratio_w - ratio_l
+        if cfg["loss_type"] == "sigmoid":      # -log sigmoid(beta h)
+            ell = lambda z: -F.logsigmoid(beta * z)  # noqa: E731
+        elif cfg["loss_type"] == "ipo":        # (h - 1/(2 tau))^2, tau = beta
+            ell = lambda z: (z - 1.0 / (2.0 * beta)) ** 2  # noqa: E731
+        else:                                   # hinge: max(0, 1 - beta h)
+            ell = lambda z: F.relu(1.0 - beta * z)  # noqa: E731
+        # soft labels and label smoothing: q = (1 - eps) p + eps (1 - p);  loss = q l(h) + (1 - q) l(-h)
+        p = batch.label_prob.to(h.device)
+        eps = cfg["label_smoothing"]
+        q = (1.0 - eps) * p + eps * (1.0 - p)
+        loss = (q * ell(h) + (1.0 - q) * ell(-h)).mean()
+        with torch.no_grad():
+            decided = p != 0.5
+            agree = ((h > 0) == (p > 0.5)).float()[decided]
+            metrics = {
+                "loss": float(loss),
+                "accuracy": float(agree.mean()) if len(agree) else float("nan"),
+                "margin": float((beta * h).mean()),
+                "reward_chosen": float((beta * ratio_w).mean()),
+                "reward_rejected": float((beta * ratio_l).mean()),
+            }
+        return loss, metrics
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, env, budget: int, callback=None, *, dataset=None, judge=None, checkpoint_dir=None,
+              checkpoint_every: int | None = None) -> "DPO":
+        """Train until ``budget`` completions are consumed (a pair costs 2) or the callback stops.
+
+        ``dataset``: preference records (``datasets.Dataset`` or a path) for offline training;
+        without it (and without ``dataset=`` in the config) pairs are built from ``env``.
+        ``judge``: ``(prompts, a, b) -> P(a > b)`` (or an object with ``prefer``) labelling pairs
+        built from the env instead of the simulated labelers.
+        """
+        if checkpoint_every is not None:
+            check_range("checkpoint_every", self.name, checkpoint_every, low=1, integer=True)
+        core, ref = self._setup(env, budget)
+        self._ref = ref
+        judge = as_preference_fn(judge, self.name)
+        resumed = self._resume(checkpoint_dir)
+        st = self.trainer_state
+        if not resumed:
+            seed_everything(self.seed)
+            st.update(run_start=self.spent, step=0, round=0, since_ckpt=0)
+        target = st["run_start"] + budget
+        self._make_optimizer(self.config["learning_rate"])
+        self._open_logs(budget, self.spent - st["run_start"])
+        try:
+            if self.config["online"]:
+                self._learn_online(core, ref, target, callback, judge, checkpoint_dir, checkpoint_every)
+            else:
+                self._learn_offline(core, ref, target, budget, callback, dataset, judge, checkpoint_dir, checkpoint_every)
+            self._checkpoint(checkpoint_dir)
+        finally:
+            self._close_logs()
+        return self
+
+    def _update(self, batch: Pairs, callback, checkpoint_dir, checkpoint_every, safe: bool, advanced: int) -> bool:
+        """One gradient step; logs, callback, checkpoint. Returns False to stop."""
+        self.policy.train()
+        loss, metrics = self.loss(batch)
+        metrics["grad_norm"] = self._step(loss)
+        st = self.trainer_state
+        st["step"] += 1
+        st["since_ckpt"] += 1
+        self._log(metrics, advanced)
+        if safe and checkpoint_every and st["since_ckpt"] >= checkpoint_every:
+            st["since_ckpt"] = 0
+            self._checkpoint(checkpoint_dir)
+        return not (callback is not None and callback(self, metrics) is False)
+
+    # -- offline: a fixed dataset, `epochs` passes, each pair paid for once
+    def _offline_pairs(self, core, ref, budget, dataset, judge, checkpoint_dir):
+        from rlhfgym.envs.preferences import load_preferences, save_preferences
+
+        ds = resolve_dataset(dataset if dataset is not None else self.config["dataset"], self.name)
+        saved = Path(checkpoint_dir) / "data" if checkpoint_dir is not None else None
+        if ds is None and saved is not None and saved.exists():
+            ds = load_preferences(saved)  # the pairs an interrupted run built (same seed, same pairs)
+        if ds is None:  # build: two samples of pi_ref per prompt, labelled by the env's labelers
+            n = budget // 2
+            if n < 1:
+                raise AgentError(f"{self.name}: a budget of {budget} cannot buy one pair (2 completions); raise it.")
+            cfg = self.config
+            ds = make_preference_pairs(core, n, "train", policy=reference_policy(core, self.policy.device),
+                                       labelers=cfg["labelers"], labeler_temperature=cfg["labeler_temperature"],
+                                       labeler_flip_prob=cfg["labeler_flip_prob"], soft_labels=cfg["soft_labels"],
+                                       temperature=cfg["temperature"], seed=self.seed, judge=judge)
+            if saved is not None:
+                save_preferences(ds, saved)
+        n = min(len(ds), budget // 2)
+        if n < 1:
+            raise AgentError(f"{self.name}: a budget of {budget} cannot buy one pair (2 completions); raise it.")
+        return self._encode_data(ds.select(range(n)), ref)
+
+    def _encode_data(self, ds, ref):
+        return Pairs.from_dataset(self.policy, ds).with_reference(self.policy, ref)
+
+    def _learn_offline(self, core, ref, target, budget, callback, dataset, judge, checkpoint_dir, checkpoint_every):
+        data = self._offline_pairs(core, ref, budget, dataset, judge, checkpoint_dir)
+        st, bs, n = self.trainer_state, self.config["batch_size"], len(data)
+        cost = self._cost_per_item()
+        k = 0  # position in the fixed schedule of (epoch, batch)
+        for epoch in range(self.config["epochs"]):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(sub_seed(self.seed, 1, epoch)))
+            for s in range(0, n, bs):
+                k += 1
+                if k <= st["step"]:
+                    continue  # done before the interruption
+                if self.spent >= target and epoch == 0:
+                    return
+                idx = order[s:s + bs]
+                advanced = cost * len(idx) if epoch == 0 else 0  # pay for data the first time it is used
+                self.spent += advanced
+                if not self._update(data.select(idx), callback, checkpoint_dir, checkpoint_every, True, advanced):
+                    return
+
+    def _cost_per_item(self) -> int:
+        return 2  # a pair is two completions
+
+    # -- online: fresh pairs from the current policy each round
+    def _learn_online(self, core, ref, target, callback, judge, checkpoint_dir, checkpoint_every):
+        cfg, st = self.config, self.trainer_state
+        size = core.task.split_size("train")
+        while self.spent + 2 <= target:
+            n = min(cfg["pairs_per_round"], (target - self.spent) // 2)
+            rng = np.random.default_rng(sub_seed(self.seed, 2, st["round"]))
+            prompts = [core.task.prompt("train", int(i)) for i in rng.choice(size, n, replace=size < n)]
+            torch.manual_seed(sub_seed(self.seed, 3, st["round"]))
+            self.policy.eval()
+            a = self.policy.sample(prompts, temperature=cfg["temperature"])
+            b = self.policy.sample(prompts, temperature=cfg["temperature"])
+            self.spent += 2 * n
+            self._log({"round_completions": 2 * n}, 2 * n)
+            ds, picked_a = label_pairs(core, prompts, a.texts, b.texts, labelers=cfg["labelers"],
+                             labeler_temperature=cfg["labeler_temperature"], labeler_flip_prob=cfg["labeler_flip_prob"],
+                             soft_labels=cfg["soft_labels"], seed=sub_seed(self.seed, 4, st["round"]), judge=judge)
+            data = self._pairs_from_rollouts(a, b, picked_a, ds["label_prob"], ref)
+            st["round"] += 1
+            stop = False
+            for epoch in range(cfg["epochs"]):
+                order = torch.randperm(len(data), generator=torch.Generator().manual_seed(sub_seed(self.seed, 5, st["round"], epoch)))
+                for s in range(0, len(data), cfg["batch_size"]):
+                    if not self._update(data.select(order[s:s + cfg["batch_size"]]), callback, checkpoint_dir, None, False, 0):
+                        stop = True
+                        break
+                if stop:
+                    break
+            if checkpoint_every and st["since_ckpt"] >= checkpoint_every:  # end of a round: a complete state
+                st["since_ckpt"] = 0
+                self._checkpoint(checkpoint_dir)
+            if stop:
+                return
+
+    def _pairs_from_rollouts(self, a, b, picked_a, label_prob, ref):
+        """Pairs from two rollouts with the sampled tokens kept (no re-tokenisation of the text)."""
+        pad = self.policy.pad_id
+        picked_a = torch.as_tensor(picked_a, dtype=torch.bool, device=a.tokens.device)
+        t = max(a.tokens.shape[1], b.tokens.shape[1])
+        ta, tb = F.pad(a.tokens, (0, t - a.tokens.shape[1]), value=pad), F.pad(b.tokens, (0, t - b.tokens.shape[1]), value=pad)
+        ma, mb = F.pad(a.mask, (0, t - a.mask.shape[1])), F.pad(b.mask, (0, t - b.mask.shape[1]))
+        sel = picked_a[:, None]
+        data = Pairs(a.prompt_ids, torch.where(sel, ta, tb), torch.where(sel, ma, mb), torch.where(sel, tb, ta),
+                     torch.where(sel, mb, ma), torch.tensor(label_prob, dtype=torch.float32))
+        return data.with_reference(self.policy, ref)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, env, dataset) -> dict[str, float]:
+        """Implicit-reward metrics on held-out preference records: ``accuracy`` (sign of
+        beta h agrees with the label; ties skipped), ``margin`` (mean beta h, h oriented to the
+        chosen completion) and the DPO ``loss`` (sigmoid, beta of this agent)."""
+        if self.policy is None:
+            raise AgentError(f"{self.name}: no policy yet; call learn(env, budget) or load(dir) first.")
+        core = env_core(env, self.name)
+        check_tokenizer(self.policy, core, self.name)
+        ds = resolve_dataset(dataset, self.name)
+        data = Pairs.from_dataset(self.policy, ds).with_reference(self.policy, reference_model_for(core, self.policy))
+        was = self.policy.training
+        self.policy.eval()
+        pw = batched_logps(self.policy, data.prompt_ids, data.chosen, data.chosen_mask)
+        pl = batched_logps(self.policy, data.prompt_ids, data.rejected, data.rejected_mask)
+        self.policy.train(was)
+        beta = self.config["beta"]
+        h = (pw - data.ref_chosen) - (pl - data.ref_rejected)
+        p = data.label_prob.to(h.device)
+        decided = p != 0.5
+        return {
+            "accuracy": float(((h > 0) == (p > 0.5)).float()[decided].mean()),
+            "margin": float((beta * h).mean()),
+            "loss": float((-(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))).mean()),
+            "n": int(decided.sum()),
+        }
+
+
+# ============================================================================================
+# KTO
+# ============================================================================================
+
+
+@dataclass
+class Unpaired:
+    """Unpaired completions: ``tokens``/``mask`` (N, T), ``desirable`` (N,) bool, ``ref`` (N,)."""
+
+    prompt_ids: list[list[int]]
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    desirable: torch.Tensor
+    ref: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, idx) -> "Unpaired":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = (lambda t: None if t is None else t[idx.to(t.device)])
+        return Unpaired([self.prompt_ids[i] for i in idx.tolist()], pick(self.tokens), pick(self.mask),
+                        pick(self.desirable), pick(self.ref))
+
+    @classmethod
+    def from_pairs(cls, pairs: Pairs, pad_id: int) -> "Unpaired":
+        """chosen -> desirable, rejected -> undesirable (pairs whose label is a tie are dropped);
+        interleaved so that every prefix has as many desirable as undesirable examples."""
+        keep = (pairs.label_prob != 0.5).nonzero().flatten().tolist()
+        pairs = pairs.select(keep)
+        w_first = pairs.label_prob > 0.5  # label_prob < 0.5 means the record leans to "rejected"
+        toks = pad_cat(pairs.chosen, pairs.rejected, pad_id)
+        masks = pad_cat(pairs.chosen_mask, pairs.rejected_mask, 0)
+        n = len(pairs)
+        order = torch.stack([torch.arange(n), torch.arange(n) + n], 1).flatten()
+        desirable = torch.cat([w_first, ~w_first])
+        ref = None if pairs.ref_chosen is None else torch.cat([pairs.ref_chosen, pairs.ref_rejected])
+        return cls((pairs.prompt_ids * 2), toks, masks, desirable, ref).select(order)
+
+
+class KTO(DPO):
+    """Kahneman-Tversky optimisation on unpaired desirable / undesirable completions.
+
+    Data as for :class:`DPO` (a pair gives one desirable and one undesirable completion, each costs 1),
+    or an unpaired dataset with columns ``prompt``, ``completion``, ``label`` (bool: desirable).
+
+    Args:
+        beta: > 0. desirable_weight / undesirable_weight: lambda_D, lambda_U > 0 (the KTO paper
+            suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
+        the rest: as :class:`DPO`.
+    """
+
+    name = "kto"
+
+    def __init__(self, policy=None, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+                 learning_rate: float = 1e-4, batch_size: int = 16, epochs: int = 1, max_grad_norm: float = 1.0,
+                 online: bool = False, pairs_per_round: int = 64, temperature: float = 1.0,
+                 labelers: str = "gold", labeler_temperature: float | None = None,
+                 labeler_flip_prob: float | None = None, soft_labels: bool = False, dataset: str | None = None,
+                 **kwargs: Any):
+        n = self.name
+        check_range("beta", n, beta, low=0, low_open=True)
+        check_range("desirable_weight", n, desirable_weight, low=0, low_open=True)
+        check_range("undesirable_weight", n, undesirable_weight, low=0, low_open=True)
+        TrainingAgent.__init__(
+            self, policy, beta=float(beta), desirable_weight=float(desirable_weight),
+            undesirable_weight=float(undesirable_weight),
+            **self._common_config(learning_rate, batch_size, epochs, max_grad_norm, online, pairs_per_round,
+                                  temperature, labelers, labeler_temperature, labeler_flip_prob, soft_labels, dataset),
+            **kwargs)
+
+    def loss(self, batch: Unpaired) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, policy = self.config, self.policy
+        beta = cfg["beta"]
+        # r = log pi(y|x) - log pi_ref(y|x)
+        logp = sequence_logps(policy, batch.prompt_ids, batch.tokens, batch.mask)
+        r = logp - batch.ref
+        # z0: detached KL(pi || pi_ref) estimate from mismatched pairs (x_i, y_{i+1}), clipped at 0
+        with torch.no_grad():
+            if len(batch) > 1:
+                shift = torch.roll(torch.arange(len(batch)), -1)
+                mm_tok, mm_mask = batch.tokens[shift], batch.mask[shift]
+                kl_pi = sequence_logps(policy, batch.prompt_ids, mm_tok, mm_mask)
+                kl_ref = sequence_logps(policy, batch.prompt_ids, mm_tok, mm_mask, model=self._ref)
+                z0 = (kl_pi - kl_ref).mean().clamp(min=0)
+            else:
+                z0 = torch.zeros((), device=r.device)
+        d = batch.desirable.to(r.device)
+        # desirable: lambda_D (1 - sigmoid(beta (r - z0)));  undesirable: lambda_U (1 - sigmoid(beta (z0 - r)))
+        losses = torch.where(d, cfg["desirable_weight"] * (1 - torch.sigmoid(beta * (r - z0))),
+                             cfg["undesirable_weight"] * (1 - torch.sigmoid(beta * (z0 - r))))
+        loss = losses.mean()
+        with torch.no_grad():
+            metrics = {
+                "loss": float(loss),
+                "kl": float(z0),
+                "reward_desirable": float((beta * r[d]).mean()) if bool(d.any()) else float("nan"),
+                "reward_undesirable": float((beta * r[~d]).mean()) if bool((~d).any()) else float("nan"),
+            }
+        return loss, metrics
+
+    def _cost_per_item(self) -> int:
+        return 1  # one unpaired completion
+
+    def _offline_pairs(self, core, ref, budget, dataset, judge, checkpoint_dir):
+        ds = dataset if dataset is not None else self.config["dataset"]
+        if hasattr(ds, "column_names") and {"completion", "label"} <= set(ds.column_names):
+            n = min(len(ds), budget)  # an unpaired dataset: one completion per record
+            ds = ds.select(range(n))
+            tokens, mask = encode_completions(self.policy, ds["completion"])
+            data = Unpaired(self.policy.encode_prompts(list(ds["prompt"])), tokens, mask,
+                            torch.tensor([bool(x) for x in ds["label"]]))
+            data.ref = batched_logps(self.policy, data.prompt_ids, data.tokens, data.mask, model=ref)
+            return data
+        data = super()._offline_pairs(core, ref, budget, dataset, judge, checkpoint_dir)
+        return Unpaired.from_pairs(data, self.policy.pad_id)
+
+    def _pairs_from_rollouts(self, a, b, picked_a, label_prob, ref):
+        return Unpaired.from_pairs(super()._pairs_from_rollouts(a, b, picked_a, label_prob, ref), self.policy.pad_id)
+
+    @torch.no_grad()
+    def evaluate(self, env, dataset) -> dict[str, float]:
+        """As :meth:`DPO.evaluate`: the implicit reward beta log pi/pi_ref ranks held-out pairs."""
+        return super().evaluate(env, dataset)

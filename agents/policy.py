@@ -1,0 +1,242 @@
+"""The shared causal-LM policy: sampling with a KV cache, batched log-probs, an optional value head.
+
+The same code serves the micro world's tiny model and a hub model (``from_pretrained`` with a
+local directory or a model name; optional LoRA through ``peft`` and a ``dtype`` for large
+models). Prompts are encoded exactly as the token environment encodes them (its tokenizer, the
+last ``max_prompt_tokens`` tokens kept), so a completion sampled here is one episode of the env.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhfgym.envs.lm import IncrementalLM, _position_ids, model_vocab_size
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled completions.
+
+    ``prompt_ids``: list of prompt token-id lists. ``tokens``: (B, T) completion tokens, padded
+    with the pad id after EOS. ``mask``: (B, T) 1 on real completion tokens (EOS included).
+    ``logprobs``: (B, T) log-prob of each token under the sampling policy (temperature applied).
+    ``texts``: decoded completions (special tokens skipped). ``ended``: (B,) bool, EOS was sampled.
+    """
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    texts: list[str]
+    ended: torch.Tensor
+
+
+class CausalLMPolicy(nn.Module):
+    """A causal LM as a policy over next tokens, with an optional scalar value head.
+
+    Args:
+        model: a ``transformers`` causal LM.
+        tokenizer: its tokenizer (needs ``eos_token_id``; ``pad_token_id`` defaults to EOS).
+        value_head: add a ``Linear(hidden, 1)`` value head on the last hidden state (PPO).
+        max_prompt_tokens / max_new_tokens: the env's window; prompts keep their last tokens.
+        device: where the model lives.
+    """
+
+    def __init__(self, model, tokenizer, *, value_head: bool = False, max_prompt_tokens: int = 96,
+                 max_new_tokens: int = 32, device: str | torch.device = "cpu"):
+        super().__init__()
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the policy's tokenizer has no eos_token; set tokenizer.eos_token first.")
+        if model_vocab_size(model) < len(tokenizer):
+            raise ValueError(
+                f"tokenizer/model vocab mismatch: tokenizer has {len(tokenizer)} tokens, the model {model_vocab_size(model)} logits."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.max_new_tokens = int(max_new_tokens)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+        self.value_head = nn.Linear(hidden, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        self.to(device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_env(cls, env, *, value_head: bool = False, model=None, device: str | None = None) -> "CausalLMPolicy":
+        """A trainable copy of the env's reference policy (the usual RLHF start), or ``model`` checked against the env."""
+        core = env.unwrapped
+        tokenizer = core.tokenizer
+        model = copy.deepcopy(core.reference_model) if model is None else model
+        if model_vocab_size(model) < len(tokenizer):
+            raise ValueError(
+                f"the policy does not match the env: the env's tokenizer has {len(tokenizer)} tokens, the policy "
+                f"{model_vocab_size(model)} logits; start from the env's reference model or its tokenizer."
+            )
+        device = device or str(core.device)
+        inner = getattr(core, "core", core)
+        return cls(model.float(), tokenizer, value_head=value_head,
+                   max_prompt_tokens=getattr(inner, "max_prompt_tokens", 96), max_new_tokens=core.max_new_tokens, device=device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, tokenizer=None, device: str = "cpu", dtype: torch.dtype | None = None,
+                        value_head: bool | None = None, lora: dict[str, Any] | None = None, **kwargs) -> "CausalLMPolicy":
+        """Load a policy saved by :meth:`save`, a local model directory, or a hub model name."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path) if Path(str(path)).exists() else path
+        model = AutoModelForCausalLM.from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        vh_file = Path(str(path)) / "value_head.pt"
+        if value_head is None:
+            value_head = vh_file.exists()
+        meta_file = Path(str(path)) / "policy.json"
+        meta = {}
+        if meta_file.exists():
+            import json
+
+            meta = json.loads(meta_file.read_text())
+        policy = cls(model, tokenizer, value_head=value_head, device=device,
+                     max_prompt_tokens=kwargs.get("max_prompt_tokens", meta.get("max_prompt_tokens", 96)),
+                     max_new_tokens=kwargs.get("max_new_tokens", meta.get("max_new_tokens", 32)))
+        if value_head and vh_file.exists():
+            policy.value_head.load_state_dict(torch.load(vh_file, map_location=device, weights_only=True))
+        return policy
+
+    def save(self, directory: str | Path) -> None:
+        import json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if self.value_head is not None:
+            torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+        (directory / "policy.json").write_text(json.dumps(
+            {"max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ encoding
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each prompt, keeping the last ``max_prompt_tokens`` (as the env does)."""
+        ids = self.tokenizer(list(prompts))["input_ids"]
+        return [row[-self.max_prompt_tokens:] for row in ids]
+
+    # ------------------------------------------------------------------ sampling (no gradients)
+    @torch.no_grad()
+    def sample(self, prompts: list[str], *, temperature: float = 1.0, max_new_tokens: int | None = None,
+               mixture=None) -> Rollout:
+        """Sample one completion per prompt with a KV cache (all rows in one batch).
+
+        ``mixture``: optional callable ``(policy_logprobs, step_state) -> logprobs`` used by
+        Nash-MD to sample from a geometric mixture; ``None`` samples from the policy itself.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        t_max = int(max_new_tokens or self.max_new_tokens)
+        prompt_ids = self.encode_prompts(prompts)
+        b = len(prompt_ids)
+        was_training = self.model.training
+        self.model.eval()
+        lm = IncrementalLM(self.model, b, self.max_prompt_tokens + t_max)
+        logits = lm.reset_rows(range(b), prompt_ids)
+        extra = mixture.start(prompt_ids, t_max) if mixture is not None else None
+        tokens = torch.full((b, t_max), self.pad_id, dtype=torch.long, device=self.device)
+        logps = torch.zeros(b, t_max, device=self.device)
+        mask = torch.zeros(b, t_max, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        for t in range(t_max):
+            logp = torch.log_softmax(logits.float()[:, : len(self.tokenizer)] / max(temperature, 1e-6), dim=-1)
+            if extra is not None:
+                logp = extra.mix(logp)
+            tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            tokens[:, t] = tok
+            logps[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
+            mask[:, t] = (~done).long()
+            active = ~done
+            done = done | (tok == self.eos_id)
+            if bool(done.all()):
+                break
+            logits = lm.step(tok, active=active)
+            if extra is not None:
+                extra.step(tok, active)
+        self.model.train(was_training)
+        texts = self.tokenizer.batch_decode(tokens.masked_fill(mask == 0, self.pad_id).tolist(), skip_special_tokens=True)
+        return Rollout(list(prompts), prompt_ids, tokens, mask, logps, texts, done)
+
+    def generate_text(self, prompts, *, temperature: float = 1.0, max_new_tokens: int | None = None,
+                      batch_size: int = 256) -> list[str]:
+        out: list[str] = []
+        for s in range(0, len(prompts), batch_size):
+            out.extend(self.sample(list(prompts[s:s + batch_size]), temperature=temperature, max_new_tokens=max_new_tokens).texts)
+        return out
+
+    # ------------------------------------------------------------------ teacher-forced (with gradients)
+    def batch(self, prompt_ids: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor):
+        """``[left-padded prompt | completion]`` ids and attention mask, and where the completion starts."""
+        p = max(map(len, prompt_ids))
+        b = len(prompt_ids)
+        ids = torch.full((b, p), self.pad_id, dtype=torch.long)
+        att = torch.zeros(b, p, dtype=torch.long)
+        for i, row in enumerate(prompt_ids):
+            ids[i, p - len(row):] = torch.tensor(row)
+            att[i, p - len(row):] = 1
+        ids = torch.cat([ids.to(self.device), tokens.to(self.device)], 1)
+        att = torch.cat([att.to(self.device), mask.to(self.device).long()], 1)
+        return ids, att, p
+
+    def forward_logprobs(self, prompt_ids, tokens, mask, *, temperature: float = 1.0, with_values: bool = False,
+                         model=None):
+        """Per-token log-probs (B, T) of ``tokens`` (and values (B, T) of the states before them).
+
+        ``model`` overrides the network (e.g. the frozen reference) while keeping this policy's batching.
+        """
+        ids, att, p = self.batch(prompt_ids, tokens, mask)
+        net = model if model is not None else self.model
+        out = net(input_ids=ids, attention_mask=att, position_ids=_position_ids(att),
+                  output_hidden_states=with_values)
+        logits = out.logits[:, p - 1:-1].float()[..., : len(self.tokenizer)] / max(temperature, 1e-6)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.to(self.device)[..., None]).squeeze(-1)
+        logp = logp * mask.to(self.device)
+        if not with_values:
+            return logp
+        if self.value_head is None:
+            raise ValueError("this policy has no value head; build it with value_head=True.")
+        hidden = out.hidden_states[-1][:, p - 1:-1].float()
+        values = self.value_head(hidden).squeeze(-1) * mask.to(self.device)
+        return logp, values
+
+    # ------------------------------------------------------------------ token-env acting
+    @torch.no_grad()
+    def act(self, obs, deterministic: bool = False):
+        """Next tokens for token-env observations (dict of ``input_ids``/``attention_mask``, numpy or torch)."""
+        ids = torch.as_tensor(obs["input_ids"], device=self.device).long()
+        att = torch.as_tensor(obs["attention_mask"], device=self.device).long()
+        single = ids.dim() == 1
+        if single:
+            ids, att = ids[None], att[None]
+        logits = self.model(input_ids=ids, attention_mask=att, position_ids=_position_ids(att)).logits[:, -1]
+        logits = logits.float()[:, : len(self.tokenizer)]
+        act = logits.argmax(-1) if deterministic else torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
+        if isinstance(obs["input_ids"], torch.Tensor):
+            return act[0] if single else act
+        act = act.cpu().numpy()
+        return act[0] if single else act

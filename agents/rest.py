@@ -1,0 +1,275 @@
+"""ReST: Reinforced Self-Training (Gulcehre et al. 2023), offline RL by filtered behaviour cloning.
+
+ReST alternates two loops over a fixed set of prompts D_x (with their original supervised
+completions D, when the task has them)::
+
+    for g in 1..G:                                           # Grow
+        D_g = D  ∪  { (x, y) : x in D_x, y ~ pi_theta(.|x) at temperature 0.8, N per prompt }
+        R(x, y) = RM(x, y) once per sample, normalised to [0, 1]
+        for i, tau_i in enumerate(thresholds):               # Improve, tau_0 < tau_1 < ...
+            D_g^i = { (x, y) in D_g : R(x, y) >= tau_i }
+            theta <- argmin  -1/|D_g^i| sum log pi_theta(y|x)     (BC / NLL, from the previous theta,
+                                                                   learning rate lr * lr_decay^i)
+            keep theta if its validation reward is the best so far
+        continue from the best theta
+
+Reward normalisation and thresholds (our choice, see ``threshold_mode``):
+
+* ``"absolute"`` (default, the paper's): ``R = (r - lo) / (hi - lo)`` clipped to [0, 1] with
+  ``reward_range = (lo, hi)``; without a ``reward_range``, the env's gold reward uses its known
+  range [-1, 1] and any other reward model the min and max of the Grow set (fixed for that Grow
+  step, so thresholds keep rising on one scale). ``tau`` is a reward level.
+* ``"quantile"``: ``tau_i`` is a quantile of the Grow set's rewards, i.e. Improve step i keeps
+  the best ``1 - tau_i`` fraction whatever the reward's scale (robust for learned reward models).
+
+The filter keeps ``R >= tau`` (so ``tau = 0`` is plain BC on all of D_g). An Improve step whose
+filtered set is empty is skipped together with the higher thresholds.
+
+Budget: every sampled completion and every original completion (once) costs 1. Validation
+samples that pick the best checkpoint are evaluation, not training data, and are not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import AgentError
+from .dpo import (
+    TrainingAgent,
+    check_range,
+    encode_completions,
+    seed_everything,
+    sub_seed,
+    trim,
+)
+
+__all__ = ["ReST", "DEFAULT_THRESHOLDS"]
+
+DEFAULT_THRESHOLDS = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+class ReST(TrainingAgent):
+    """Reinforced Self-Training: Grow (sample + score) then Improve (filter + BC) with rising thresholds.
+
+    Args:
+        grow_steps: G, the number of Grow steps.
+        thresholds: one per Improve step (I = len(thresholds)), strictly increasing, in [0, 1].
+        threshold_mode: "absolute" (reward levels on [0, 1]-normalised rewards) or "quantile".
+        reward_range: (lo, hi) of the env's reward for "absolute" normalisation (see module doc).
+        samples_per_prompt: N completions sampled per prompt in each Grow step.
+        prompts_per_grow: |D_x|; default: as many as the budget affords (1 + G N completions each).
+        temperature: Grow sampling temperature (0.8 in the paper).
+        include_original: add the task's original supervised completion of each prompt (``task.reference``).
+        learning_rate, lr_decay: Improve step i uses learning_rate * lr_decay**i (< 1: lower each step).
+        improve_epochs, batch_size, max_grad_norm: BC fine-tuning per Improve step.
+        eval_prompts: validation prompts that score each Improve step's policy (0: keep the last).
+        eval_temperature: sampling temperature of the validation samples.
+    """
+
+    name = "rest"
+
+    def __init__(self, policy=None, *, grow_steps: int = 1, thresholds=DEFAULT_THRESHOLDS,
+                 threshold_mode: str = "absolute", reward_range=None, samples_per_prompt: int = 4,
+                 prompts_per_grow: int | None = None, temperature: float = 0.8, include_original: bool = True,
+                 learning_rate: float = 1e-4, lr_decay: float = 0.5, improve_epochs: int = 1, batch_size: int = 16,
+                 max_grad_norm: float = 1.0, eval_prompts: int = 64, eval_temperature: float = 0.8, **kwargs: Any):
+        n = self.name
+        check_range("grow_steps", n, grow_steps, low=1, integer=True)
+        thresholds = [float(check_range("threshold", n, t, low=0, high=1)) for t in list(thresholds)]
+        if not thresholds:
+            raise AgentError(f"{n}: thresholds must list at least one Improve threshold, e.g. [0.0, 0.7, 0.9].")
+        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+            raise AgentError(f"{n}: thresholds must be strictly increasing (each Improve step filters harder), got {thresholds}.")
+        if threshold_mode not in ("absolute", "quantile"):
+            raise AgentError(f"{n}: unknown threshold_mode {threshold_mode!r}; use 'absolute' or 'quantile'.")
+        if reward_range is not None:
+            if len(reward_range) != 2 or not float(reward_range[0]) < float(reward_range[1]):
+                raise AgentError(f"{n}: reward_range must be [lo, hi] with lo < hi, got {reward_range!r}.")
+            reward_range = [float(reward_range[0]), float(reward_range[1])]
+        check_range("samples_per_prompt", n, samples_per_prompt, low=1, integer=True)
+        if prompts_per_grow is not None:
+            check_range("prompts_per_grow", n, prompts_per_grow, low=1, integer=True)
+        check_range("temperature", n, temperature, low=0, low_open=True)
+        check_range("learning_rate", n, learning_rate, low=0, low_open=True)
+        check_range("lr_decay", n, lr_decay, low=0, high=1, low_open=True)
+        check_range("improve_epochs", n, improve_epochs, low=1, integer=True)
+        check_range("batch_size", n, batch_size, low=1, integer=True)
+        check_range("max_grad_norm", n, max_grad_norm, low=0, low_open=True)
+        check_range("eval_prompts", n, eval_prompts, low=0, integer=True)
+        check_range("eval_temperature", n, eval_temperature, low=0)
+        super().__init__(policy, grow_steps=grow_steps, thresholds=thresholds, threshold_mode=threshold_mode,
+                         reward_range=reward_range, samples_per_prompt=samples_per_prompt,
+                         prompts_per_grow=prompts_per_grow, temperature=float(temperature),
+                         include_original=bool(include_original), learning_rate=float(learning_rate),
+                         lr_decay=float(lr_decay), improve_epochs=improve_epochs, batch_size=batch_size,
+                         max_grad_norm=float(max_grad_norm), eval_prompts=eval_prompts,
+                         eval_temperature=float(eval_temperature), **kwargs)
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _plan(self, core, budget: int) -> tuple[int, bool]:
+        """(number of prompts, whether original completions are used) for this budget."""
+        cfg = self.config
+        original = cfg["include_original"] and hasattr(core.task, "reference")
+        per_prompt = cfg["grow_steps"] * cfg["samples_per_prompt"] + (1 if original else 0)
+        n = cfg["prompts_per_grow"] or budget // per_prompt
+        if n < 1:
+            raise AgentError(
+                f"{self.name}: a budget of {budget} does not cover one prompt ({per_prompt} completions: "
+                f"{cfg['grow_steps']} Grow steps x {cfg['samples_per_prompt']} samples"
+                f"{' + 1 original' if original else ''}); raise the budget or lower samples_per_prompt."
+            )
+        return n, original
+
+    def _normalise(self, core, rewards: np.ndarray) -> np.ndarray:
+        """Rewards -> [0, 1] (absolute mode); quantile mode only needs the order."""
+        from rlhfgym.envs.rewards import GoldReward
+
+        lo_hi = self.config["reward_range"]
+        if lo_hi is None and isinstance(getattr(core, "reward_model", None), GoldReward):
+            lo_hi = (-1.0, 1.0)  # the task's gold score lives in [-1, 1]
+        lo, hi = lo_hi if lo_hi is not None else (float(rewards.min()), float(rewards.max()))
+        if hi <= lo:
+            return np.ones_like(rewards)
+        return np.clip((rewards - lo) / (hi - lo), 0.0, 1.0)
+
+    def _filter(self, normalised: np.ndarray, tau: float) -> np.ndarray:
+        if self.config["threshold_mode"] == "quantile":
+            tau = float(np.quantile(normalised, tau))
+        return np.flatnonzero(normalised >= tau)
+
+    @torch.no_grad()
+    def validation_reward(self, env, n_prompts: int | None = None, split: str = "validation",
+                          temperature: float | None = None) -> float:
+        """Mean reward-model score of policy samples on the first ``n_prompts`` prompts of ``split``."""
+        core = env.unwrapped if hasattr(env, "unwrapped") else env
+        n = self.config["eval_prompts"] if n_prompts is None else n_prompts
+        prompts = core.prompts(split, n, 0)
+        t = self.config["eval_temperature"] if temperature is None else temperature
+        torch.manual_seed(sub_seed(self.seed, 99))  # the same draw for every candidate: a fair comparison
+        texts = self.policy.generate_text(prompts, temperature=t)
+        return float(core.score(prompts, texts).float().mean())
+
+    def _bc_epoch(self, data, idx: np.ndarray, key: tuple, callback) -> bool:
+        """One pass of BC (NLL) over ``data[idx]``. Returns False when the callback stops."""
+        prompt_ids, tokens, mask = data
+        bs = self.config["batch_size"]
+        order = torch.as_tensor(idx)[torch.randperm(len(idx), generator=torch.Generator().manual_seed(sub_seed(self.seed, *key)))]
+        self.policy.train()
+        for s in range(0, len(order), bs):
+            b = order[s:s + bs].tolist()
+            tok, m = trim(tokens[b], mask[b])
+            # BC / NLL: -(1 / #tokens) sum_t log pi(y_t | x, y_<t)
+            logp = self.policy.forward_logprobs([prompt_ids[i] for i in b], tok, m)
+            loss = -logp.sum() / m.sum().clamp(min=1).to(logp.device)
+            metrics = {"loss": loss.item(), "grad_norm": self._step(loss)}
+            self.trainer_state["updates"] += 1
+            self._log(metrics)
+            if callback is not None and callback(self, metrics) is False:
+                return False
+        return True
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, env, budget: int, callback=None, *, checkpoint_dir=None, checkpoint_every: int | None = None) -> "ReST":
+        """Grow/Improve until the Grow steps are done (budget = completions sampled or read).
+
+        Checkpoints are written after every Improve step (``checkpoint_every`` counts Improve
+        steps); the best policy so far is kept in the checkpoint too.
+        """
+        if checkpoint_every is not None:
+            check_range("checkpoint_every", self.name, checkpoint_every, low=1, integer=True)
+        core, _ = self._setup(env, budget)
+        cfg = self.config
+        n_prompts, original = self._plan(core, budget)
+        resumed = self._resume(checkpoint_dir)
+        st = self.trainer_state
+        if not resumed:
+            seed_everything(self.seed)
+            st.update(run_start=self.spent, grow=0, improve=0, updates=0, since_ckpt=0, data=None,
+                      best_score=None, best_state=None)
+        self._make_optimizer(cfg["learning_rate"])
+        self._open_logs(budget, self.spent - st["run_start"])
+        rng = np.random.default_rng(sub_seed(self.seed, 11))
+        size = core.task.split_size("train")
+        idx = rng.choice(size, n_prompts, replace=size < n_prompts)
+        prompts = [core.task.prompt("train", int(i)) for i in idx]
+        stop = False
+        try:
+            if st["best_score"] is None and cfg["eval_prompts"] > 0:  # the starting policy is a candidate too
+                st["best_score"] = self.validation_reward(core)
+                st["best_state"] = self._state_copy()
+                self._log({"validation_reward": st["best_score"]})
+            while st["grow"] < cfg["grow_steps"] and not stop:
+                # ---------------- Grow: D_g = D ∪ samples of the current policy, each scored once
+                if st["data"] is None:
+                    torch.manual_seed(sub_seed(self.seed, 12, st["grow"]))
+                    self.policy.eval()
+                    x, y, cost = [], [], 0
+                    if original:
+                        x += prompts
+                        y += [core.task.reference("train", int(i)) for i in idx]
+                        cost += len(prompts) if st["grow"] == 0 else 0  # the original data is paid for once
+                    for _ in range(cfg["samples_per_prompt"]):
+                        x += prompts
+                        y += self.policy.generate_text(prompts, temperature=cfg["temperature"])
+                        cost += len(prompts)
+                    rewards = core.score(x, y).float().cpu().numpy()
+                    st["data"] = {"prompts": x, "completions": y, "rewards": rewards.tolist()}
+                    self.spent += cost
+                    self._log({"grow_reward": float(rewards.mean()), "grow_size": len(y)}, cost)
+                data = st["data"]
+                rewards = np.asarray(data["rewards"], dtype=np.float64)
+                normalised = self._normalise(core, rewards)
+                tokens, mask = encode_completions(self.policy, data["completions"])
+                tensors = (self.policy.encode_prompts(data["prompts"]), tokens, mask)
+                # ---------------- Improve: filter with rising thresholds, BC from the previous policy
+                while st["improve"] < len(cfg["thresholds"]):
+                    i = st["improve"]
+                    keep = self._filter(normalised, cfg["thresholds"][i])
+                    if len(keep) == 0:
+                        self._log({"filtered": 0})
+                        st["improve"] = len(cfg["thresholds"])  # nothing passes: higher thresholds neither
+                        break
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg["learning_rate"] * cfg["lr_decay"] ** i
+                    for epoch in range(cfg["improve_epochs"]):
+                        if not self._bc_epoch(tensors, keep, (13, st["grow"], i, epoch), callback):
+                            stop = True
+                            break
+                    if stop:
+                        break
+                    metrics = {"filtered": len(keep), "filtered_reward": float(rewards[keep].mean()),
+                               "threshold": cfg["thresholds"][i]}
+                    if cfg["eval_prompts"] > 0:
+                        score = self.validation_reward(core)
+                        metrics["validation_reward"] = score
+                        if st["best_score"] is None or score > st["best_score"]:
+                            st["best_score"], st["best_state"] = score, self._state_copy()
+                    self._log(metrics)
+                    st["improve"] += 1
+                    st["since_ckpt"] += 1
+                    if checkpoint_every and st["since_ckpt"] >= checkpoint_every:
+                        st["since_ckpt"] = 0
+                        self._checkpoint(checkpoint_dir)
+                if stop:
+                    break
+                # next Grow step starts from the best policy so far
+                if st["best_state"] is not None:
+                    self.policy.load_state_dict(st["best_state"])
+                st.update(grow=st["grow"] + 1, improve=0, data=None)
+            if stop:
+                self._checkpoint(checkpoint_dir)  # stopped by the callback: resumable where it stopped
+            if st["best_state"] is not None:  # keep the best checkpoint by validation reward
+                self.policy.load_state_dict(st["best_state"])
+            if not stop:
+                st.update(best_state=None, data=None)  # finished: nothing left to resume
+                self._checkpoint(checkpoint_dir)
+        finally:
+            self._close_logs()
+        return self
+
+    def _state_copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.policy.state_dict().items()}
