@@ -41,9 +41,8 @@ def build_tokenizer(task: NewsTask, n_texts: int = 5000):
     texts = [task.prompt("train", i) + " " + task.reference("train", i) for i in range(n_texts)]
     texts.append(" ".join(world_words()))  # every word the world can write, even rare ones
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
-    fast.padding_side = "left"  # decoder-only batches are left-padded for generation
-    return fast
+    # decoder-only batches are left-padded for generation
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +212,8 @@ def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int
 
 
 def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 0, device: str = "cpu",
-                 only: str | None = None, sft_config: SFTConfig | None = None, progress: bool = True) -> Path:
+                 only: str | None = None, sft_config: SFTConfig | None = None, progress: bool = True,
+                 eval_articles: int = 200) -> Path:
     """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir)."""
     from .assets import asset_dir, atomic_save_dir, write_manifest
 
@@ -237,7 +237,7 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     metrics = {}
     if "sft" in parts:
         model = train_sft(task, tokenizer, cfg, device=device, progress=progress)
-        metrics = evaluate_policy(model, tokenizer, task)
+        metrics = evaluate_policy(model, tokenizer, task, n=eval_articles)
         with atomic_save_dir(target / "sft") as tmp:
             model.to("cpu").save_pretrained(tmp)
             (Path(tmp) / "build_metrics.json").write_text(json.dumps(metrics, indent=2))

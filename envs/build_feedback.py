@@ -349,6 +349,23 @@ def _store_fp16(model_dir: Path, model) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _json(obj: Any) -> str:
+    """Strict JSON (NaN and infinities become null), indented, with a final newline."""
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return clean(x.item())
+        return x
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False) + "\n"
+
+
 def _make_readable(directory: Path) -> None:
     """Shipped assets must be world-readable; some writers (safetensors) create files 0600."""
     for p in Path(directory).rglob("*"):
@@ -602,7 +619,7 @@ def build_reward_model(
             rm.model.float()
         _patch_dtype(tmp)
         metrics["seconds"] = round(time.time() - t0, 1)
-        (tmp / "build_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "build_metrics.json").write_text(_json(metrics))
         _make_readable(tmp)
     _log(progress, f"{name}: held-out accuracy {ev['accuracy']:.3f} = {metrics['accuracy_over_ceiling']:.1%} of the "
                    f"ceiling, Spearman with gold {metrics['sft_t1_spearman']:.3f} ({metrics['seconds']}s)")
@@ -690,7 +707,7 @@ def build_preference_model(
             pm.model.float()
         _patch_dtype(tmp)
         metrics["seconds"] = round(time.time() - t0, 1)
-        (tmp / "build_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "build_metrics.json").write_text(_json(metrics))
         _make_readable(tmp)
     _log(progress, f"preference: held-out accuracy {ev['accuracy']:.3f} = {metrics['accuracy_over_ceiling']:.1%} of the ceiling "
                    f"({metrics['seconds']}s)")
@@ -1100,7 +1117,7 @@ def build_judge(
         metrics["train_steps"] = epochs * math.ceil(len(texts) / batch_size)
         metrics["seconds_train"] = round(t_train, 1)
         metrics["seconds"] = round(time.time() - t0, 1)
-        (tmp / "build_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "build_metrics.json").write_text(_json(metrics))
         _make_readable(tmp)
     hm = metrics["heldout"]
     _log(progress, "judge: checker agreement " + ", ".join(f"{n} {hm[f'checker_agreement/{n}']:.3f}" for n in constitution.names)
@@ -1156,7 +1173,7 @@ def build_all_feedback(
     metrics["asset_bytes"] = size
     metrics["size_limit_bytes"] = SIZE_LIMIT_BYTES
     metrics["seconds"] = round(time.time() - t0, 1)
-    atomic_write_text(root / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(root / METRICS_NAME, _json(metrics))
     if size > SIZE_LIMIT_BYTES:
         import warnings
 

@@ -1,0 +1,61 @@
+"""Asset builds: a tiny end-to-end build verifies and loads; the shipped assets verify."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhfgym.envs.assets import AssetError, load_micro_assets, verify_manifest
+from rlhfgym.envs.build import SFTConfig, build_assets, build_tokenizer, make_sft_data
+from rlhfgym.envs.tasks.news import NewsTask, world_words
+
+
+def test_shipped_assets_verify_and_meet_the_sft_targets():
+    assets = load_micro_assets()
+    manifest = verify_manifest(assets.root)
+    metrics = manifest["metrics"]
+    assert metrics["n_test_articles"] >= 200
+    assert metrics["sft_greedy"] > metrics["lead_2"]
+    assert 0.2 <= metrics["sft_sampled_t1"] <= 0.6
+    assert metrics["sft_best_of_8_gold"] >= metrics["sft_sampled_t1"] + 0.25
+    assert metrics["writer_expert"] > metrics["sft_best_of_8_gold"] + 0.2
+    total = sum(f["size"] for f in manifest["files"].values())
+    assert total <= 25 * 2**20
+
+
+def test_tokenizer_covers_the_world_without_unknowns():
+    tok = build_tokenizer(NewsTask(), n_texts=50)
+    ids = tok(" ".join(world_words()))["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(tok("mara bought 12 boats in halden .")["input_ids"]) == "mara bought 12 boats in halden ."
+
+
+def test_sft_data_weights_only_summaries():
+    task = NewsTask()
+    tok = build_tokenizer(task, n_texts=50)
+    ids, is_summary = make_sft_data(task, tok, 8, workers=1)
+    for row, flags in zip(ids, is_summary):
+        summary = row[flags == 1]
+        assert summary[-1] == tok.eos_token_id
+        assert tok.decode(row[flags == 0]).endswith("tl;dr :")
+
+
+@pytest.mark.slow
+def test_tiny_build_end_to_end(tmp_path):
+    cfg = SFTConfig(hidden_size=32, num_layers=1, num_heads=2, pretrain_steps=3, sft_steps=3, batch_size=4,
+                    n_examples=64, warmup_steps=1)
+    root = build_assets(out=str(tmp_path / "micro-v0"), sft_config=cfg, progress=False, eval_articles=4)
+    manifest = verify_manifest(root)
+    assert {"tokenizer/tokenizer.json", "sft/model.safetensors"} <= set(manifest["files"])
+    assert manifest["seed"] == 0 and "build-assets" in manifest["command"]
+    model = AutoModelForCausalLM.from_pretrained(root / "sft")
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    assert model.config.vocab_size == len(tok)
+    # a corrupted weight file is caught by name
+    weights = root / "sft" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AssetError, match="model.safetensors"):
+        verify_manifest(root)

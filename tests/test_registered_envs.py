@@ -1,0 +1,92 @@
+"""The registered ids on the real micro-v0 assets, as a user meets them."""
+
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import rlhfgym.envs  # noqa: F401  (registers the ids)
+from rlhfgym.envs import assets
+from rlhfgym.envs.assets import AssetError
+
+
+@pytest.mark.parametrize("env_id", ["RLHF-Summarize-v0", "RLHF-Summarize-Gold-v0"])
+def test_registered_env_passes_check_env(env_id):
+    env = gym.make(env_id, kl_coef=0.05)
+    check_env(env.unwrapped, skip_render_check=True)
+    assert gym.make(f"rlhfgym.envs:{env_id}").spec.id == env_id
+
+
+def test_sft_policy_episode_reports_rm_gold_and_completion():
+    env = gym.make("RLHF-Summarize-Gold-v0", split="test")
+    obs, info = env.reset(seed=3)
+    assert info["prompt"].startswith("summarize :") and info["prompt"].endswith("tl;dr :")
+    ref = env.unwrapped.reference_model
+    total, ref_sum, done = 0.0, 0.0, False
+    while not done:  # greedy SFT policy, no cache: the plain gymnasium loop
+        ids = torch.as_tensor(obs["input_ids"])[None]
+        mask = torch.as_tensor(obs["attention_mask"])[None]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            action = int(ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits[0, -1].argmax())
+        obs, reward, terminated, truncated, info = env.step(action)
+        total += reward
+        ref_sum += info["ref_logprob"]
+        done = terminated or truncated
+    assert info["rm_score"] == pytest.approx(info["gold"])  # the Gold id's reward model is the gold scorer
+    assert total == pytest.approx(info["rm_score"] + 0.05 * ref_sum, abs=1e-4)
+    assert info["gold"] > 0  # the SFT policy writes a real summary
+    assert len(info["completion"].split()) >= 5
+
+
+def test_vector_env_on_real_assets_runs_batched():
+    venv = gym.make_vec("RLHF-Summarize-Gold-v0", num_envs=4)
+    obs, _ = venv.reset(seed=0)
+    assert isinstance(obs["input_ids"], torch.Tensor) and obs["input_ids"].shape == (4, 128)
+    assert venv.metadata["torch"] is True
+    ended = torch.zeros(4, dtype=torch.bool)
+    for _ in range(33):
+        eos = torch.full((4,), venv.unwrapped.tokenizer.eos_token_id)
+        obs, reward, terminated, truncated, info = venv.step(eos)
+        ended |= terminated | truncated
+    assert bool(ended.all())
+
+
+@pytest.fixture
+def broken_assets(tmp_path, monkeypatch):
+    root = tmp_path / "assets"
+    shutil.copytree(assets.ASSETS_ROOT, root)
+    monkeypatch.setattr(assets, "ASSETS_ROOT", root)
+    assets.clear_cache()
+    yield root / "micro-v0"
+    assets.clear_cache()
+
+
+def test_corrupted_asset_fails_make_with_a_clear_message(broken_assets):
+    weights = broken_assets / "sft" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[1000] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AssetError, match=r"sft/model.safetensors.*(reinstall|build-assets)"):
+        gym.make("RLHF-Summarize-Gold-v0")
+
+
+def test_missing_asset_fails_make_with_a_clear_message(broken_assets):
+    (broken_assets / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(AssetError, match="tokenizer/tokenizer.json"):
+        gym.make("RLHF-Summarize-Gold-v0")
+
+
+def test_gold_score_of_random_actions_is_low():
+    env = gym.make("RLHF-Summarize-Gold-v0", split="test")
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    done = False
+    while not done:
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    assert info["gold"] < 0.2
+    assert np.isfinite(info["rm_score"])
