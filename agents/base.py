@@ -214,8 +214,10 @@ def reference_for(policy, env):
 
     ref = env.unwrapped.reference_model
     if next(ref.parameters()).device != policy.device:
-        ref = copy.deepcopy(ref).to(policy.device)
-    return ref.eval().requires_grad_(False)
+        ref = copy.deepcopy(ref).to(policy.device).eval().requires_grad_(False)
+    # the env's own module is used as is (callers run it under no_grad): freezing it in place would
+    # also freeze every later CausalLMPolicy.from_env copy of it
+    return ref
 
 
 def save_train_state(directory: Path, state: dict) -> None:

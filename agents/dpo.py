@@ -44,7 +44,6 @@ This module also holds the plumbing shared by the preference-family agents (``re
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import warnings
@@ -57,12 +56,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Agent, AgentError, read_agent_config
+from .base import Agent, AgentError, TrainingRun, check_policy_env, load_train_state, reference_for, save_train_state
 
 __all__ = ["DPO", "KTO", "TrainingAgent", "make_preference_pairs", "LOSS_TYPES"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-TRAINER_FILE = "trainer.pt"
 
 
 # ============================================================================================
@@ -93,19 +91,6 @@ def env_core(env, agent: str):
             f"{agent}: env {env!r} lacks {missing}; pass an rlhf-gym env such as gym.make('RLHF-Summarize-Gold-v0')."
         )
     return core
-
-
-def check_tokenizer(policy, core, agent: str) -> None:
-    """The policy must speak the env's tokens: same vocabulary and the same EOS."""
-    mine, theirs = policy.tokenizer, core.tokenizer
-    if mine is theirs:
-        return
-    if len(mine) != len(theirs) or mine.get_vocab() != theirs.get_vocab() or mine.eos_token_id != theirs.eos_token_id:
-        raise AgentError(
-            f"{agent}: the policy's tokenizer ({len(mine)} tokens, eos {mine.eos_token!r}) does not match the env's "
-            f"({len(theirs)} tokens, eos {theirs.eos_token!r}); start from the env's reference model "
-            "(CausalLMPolicy.from_env(env)) or build the env with this policy's tokenizer and reference."
-        )
 
 
 def seed_everything(seed: int) -> None:
@@ -163,13 +148,11 @@ def batched_logps(policy, prompt_ids, tokens, mask, *, model=None, batch_size: i
     return torch.cat(out) if out else torch.zeros(0, device=policy.device)
 
 
-def reference_model_for(core, policy):
-    """The env's reference model, copied to the policy's device when the env lives elsewhere."""
-    ref = core.reference_model
-    if next(ref.parameters()).device != policy.device:
-        ref = copy.deepcopy(ref).to(policy.device)
-    ref.eval()
-    return ref
+def _mean_gold(core, prompts, completions) -> float:
+    """Mean gold score of completions (reported only, never trained on); NaN without a gold scorer."""
+    if not getattr(core.task, "has_gold", False):
+        return float("nan")
+    return float(np.mean(core.gold(list(prompts), list(completions))))
 
 
 def labeler_population(core, name: str, temperature: float | None, flip_prob: float | None):
@@ -196,13 +179,15 @@ def preference_probs(fn, prompts, a, b, agent: str) -> torch.Tensor:
     return p
 
 
-def reference_policy(core, device=None):
-    """A :class:`CausalLMPolicy` view of the env's frozen reference, with the env's window."""
+def reference_policy(core, model=None):
+    """A :class:`CausalLMPolicy` view of the frozen reference (``model``, default the env's own), with
+    the env's window; it stays on its device (pass ``reference_for(policy, env)`` for the policy's)."""
     from .policy import CausalLMPolicy
 
+    model = core.reference_model if model is None else model
     inner = getattr(core, "core", core)
-    return CausalLMPolicy(core.reference_model, core.tokenizer, max_prompt_tokens=getattr(inner, "max_prompt_tokens", 96),
-                          max_new_tokens=core.max_new_tokens, device=device or core.device)
+    return CausalLMPolicy(model, core.tokenizer, max_prompt_tokens=getattr(inner, "max_prompt_tokens", 96),
+                          max_new_tokens=core.max_new_tokens, device=next(model.parameters()).device)
 
 
 def make_preference_pairs(env, n_pairs: int, split: str = "train", *, policy=None, labelers: str = "gold",
@@ -248,45 +233,42 @@ def label_pairs(core, prompts, a, b, *, labelers, labeler_temperature, labeler_f
 
 
 class TrainingAgent(Agent):
-    """What every preference-family agent needs around its update: a policy that matches the env,
-    the frozen reference, an optimizer, checkpoint/resume, TensorBoard and a progress bar.
+    """What the preference-family agents share around their updates (the run itself, with resume,
+    TensorBoard, tqdm and the callback, is :class:`~rlhfgym.agents.base.TrainingRun`).
 
-    ``learn(..., checkpoint_dir=d, checkpoint_every=k)`` saves the agent (policy, config, ``spent``,
-    optimizer and the trainer's counters) atomically to ``d/last`` every ``k`` updates (at the next
-    point where the algorithm's state is complete, e.g. the end of a round) and at the end; a later
-    ``learn`` with the same ``checkpoint_dir`` resumes from it: the policy, ``spent``, the optimizer
-    and the position in the run are restored, and data are redrawn from the same seeds.
-
-    ``budget`` counts the completions of *this run* (a resumed run continues the interrupted one).
+    ``trainer_state`` holds the algorithm's counters (and whatever data a resumed run needs, e.g.
+    ReST's Grow set); it is saved with the optimizer beside the policy, so ``learn(...,
+    checkpoint_dir=d)`` resumes an interrupted run where its last checkpoint left it. Data are
+    drawn from seeds derived from ``(seed, round)``, so a resumed run sees what the uninterrupted
+    one would have seen.
     """
 
-    #: hyperparameters that do not change what is learned (a resumed run may differ in them)
-    RUNTIME_KEYS = ("device", "log_dir", "progress")
-
-    def __init__(self, policy=None, *, device: str = "cpu", seed: int = 0, log_dir: str | None = None,
-                 progress: bool = True, **config: Any):
-        if log_dir is not None and not isinstance(log_dir, str):
-            log_dir = str(log_dir)
-        super().__init__(policy, device=device, seed=seed, log_dir=log_dir, progress=bool(progress), **config)
+    def __init__(self, policy=None, *, device: str = "cpu", seed: int = 0, **config: Any):
+        super().__init__(policy, device=device, seed=seed, **config)
         self.optimizer: torch.optim.Optimizer | None = None
         self.trainer_state: dict[str, Any] = {}
         self._pending_optimizer: dict | None = None
-        self._writer = None
-        self._bar = None
 
-    # ------------------------------------------------------------------ setup
-    def _setup(self, env, budget: int):
-        """Checks, policy, reference. Returns ``(core, reference_model)``."""
+    def _start(self, run, env) -> tuple[Any, Any, bool]:
+        """Resume (when ``run`` finds a checkpoint), build the policy and check it against the env.
+        Returns ``(env.unwrapped, reference model, resumed)``; a fresh run starts a fresh state."""
         from .policy import CausalLMPolicy
 
-        self.check_budget(budget)
         core = env_core(env, self.name)
+        resumed = run.resume()
+        if not resumed:
+            self.trainer_state = {}
         if self.policy is None:
             self.policy = CausalLMPolicy.from_env(env, device=self.device)
-        check_tokenizer(self.policy, core, self.name)
-        return core, reference_model_for(core, self.policy)
+        if not any(p.requires_grad for p in self.policy.parameters()):
+            # e.g. a copy of the env's pi_ref made after reference_for() froze it in place
+            warnings.warn(f"{self.name}: every parameter of the policy was frozen; training all of them.", stacklevel=3)
+            self.policy.requires_grad_(True)
+        check_policy_env(self, self.policy, core)
+        return core, reference_for(self.policy, core), resumed
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """AdamW over the policy; a checkpoint's optimizer state is restored (with this config's lr)."""
         opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         if self._pending_optimizer is not None:
             opt.load_state_dict(self._pending_optimizer)
@@ -296,83 +278,6 @@ class TrainingAgent(Agent):
         self.optimizer = opt
         return opt
 
-    # ------------------------------------------------------------------ checkpoints
-    def _resume(self, checkpoint_dir) -> bool:
-        """Load ``checkpoint_dir/last`` into this agent if it exists; True when resumed."""
-        from .policy import CausalLMPolicy
-
-        self.trainer_state = {}
-        if checkpoint_dir is None:
-            return False
-        last = Path(checkpoint_dir) / "last"
-        if not (last / "agent.json").exists():
-            return False
-        meta = read_agent_config(last)
-        if meta["agent"] != self.name:
-            raise AgentError(
-                f"{self.name}: {last} holds a checkpoint of a {meta['agent']!r} agent; use another checkpoint_dir."
-            )
-        differs = sorted(k for k in set(meta["config"]) | set(self.config)
-                         if k not in self.RUNTIME_KEYS and meta["config"].get(k) != self.config.get(k))
-        if differs:
-            warnings.warn(f"{self.name}: resuming {last} whose hyperparameters differ in {differs}; using this agent's.",
-                          stacklevel=3)
-        if (last / "policy").exists():
-            self.policy = CausalLMPolicy.from_pretrained(last / "policy", device=self.device)
-        self.spent = int(meta.get("spent", 0))
-        self.load_extra(last)
-        return True
-
-    def _checkpoint(self, checkpoint_dir) -> None:
-        if checkpoint_dir is not None:
-            self.save(Path(checkpoint_dir) / "last")
-
-    def save_extra(self, directory: Path) -> None:
-        if self.optimizer is None and not self.trainer_state:
-            return
-        torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                    "state": self.trainer_state}, Path(directory) / TRAINER_FILE)
-
-    def load_extra(self, directory: Path) -> None:
-        path = Path(directory) / TRAINER_FILE
-        if path.exists():
-            blob = torch.load(path, map_location=self.device, weights_only=False)
-            self._pending_optimizer = blob.get("optimizer")
-            self.trainer_state = dict(blob.get("state") or {})
-
-    # ------------------------------------------------------------------ logging
-    def _open_logs(self, total: int, initial: int = 0) -> None:
-        from tqdm.auto import tqdm
-
-        if self.config.get("log_dir"):
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(self.config["log_dir"])
-        self._bar = tqdm(total=total, initial=min(initial, total), desc=self.name, unit="completion",
-                         disable=not self.config.get("progress", True), leave=False)
-
-    def _log(self, metrics: dict[str, Any], advanced: int = 0) -> None:
-        """TensorBoard scalars at x = completions spent; progress bar; ``metrics`` gains ``spent``."""
-        metrics["spent"] = self.spent
-        if self._writer is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "spent":
-                    self._writer.add_scalar(f"{self.name}/{k}", v, self.spent)
-        if self._bar is not None:
-            if advanced:
-                self._bar.update(advanced)
-            shown = {k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "accuracy", "reward", "win_rate")}
-            self._bar.set_postfix(shown, refresh=False)
-
-    def _close_logs(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
     def _step(self, loss: torch.Tensor) -> float:
         """One optimizer step with gradient clipping; returns the gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -380,6 +285,17 @@ class TrainingAgent(Agent):
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config["max_grad_norm"])
         self.optimizer.step()
         return float(norm)
+
+    def save_extra(self, directory: Path) -> None:
+        if self.optimizer is not None or self.trainer_state:
+            save_train_state(directory, {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                                         "state": self.trainer_state})
+
+    def load_extra(self, directory: Path) -> None:
+        blob = load_train_state(directory, device=self.device)
+        if blob is not None:
+            self._pending_optimizer = blob.get("optimizer")
+            self.trainer_state = dict(blob.get("state") or {})
 
 
 # ============================================================================================
@@ -545,144 +461,130 @@ class DPO(TrainingAgent):
 
     # ------------------------------------------------------------------ learning
     def learn(self, env, budget: int, callback=None, *, dataset=None, judge=None, checkpoint_dir=None,
-              checkpoint_every: int | None = None) -> "DPO":
-        """Train until ``budget`` completions are consumed (a pair costs 2) or the callback stops.
+              checkpoint_every: int | None = None, log_dir=None, progress_bar: bool = True) -> "DPO":
+        """Train until the agent has consumed ``budget`` completions in total (a pair costs 2),
+        or the callback returns False.
 
         ``dataset``: preference records (``datasets.Dataset`` or a path) for offline training;
         without it (and without ``dataset=`` in the config) pairs are built from ``env``.
         ``judge``: ``(prompts, a, b) -> P(a > b)`` (or an object with ``prefer``) labelling pairs
         built from the env instead of the simulated labelers.
+        ``checkpoint_dir`` / ``checkpoint_every`` (completions) / ``log_dir`` / ``progress_bar``:
+        see :class:`~rlhfgym.agents.base.TrainingRun`; an interrupted run resumes from its checkpoint.
         """
-        if checkpoint_every is not None:
-            check_range("checkpoint_every", self.name, checkpoint_every, low=1, integer=True)
-        core, ref = self._setup(env, budget)
-        self._ref = ref
-        judge = as_preference_fn(judge, self.name)
-        resumed = self._resume(checkpoint_dir)
-        st = self.trainer_state
-        if not resumed:
-            seed_everything(self.seed)
-            st.update(run_start=self.spent, step=0, round=0, since_ckpt=0)
-        target = st["run_start"] + budget
-        self._make_optimizer(self.config["learning_rate"])
-        self._open_logs(budget, self.spent - st["run_start"])
-        try:
+        with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         log_dir=log_dir, progress_bar=progress_bar) as run:
+            core, ref, resumed = self._start(run, env)
+            self._ref = ref
+            judge = as_preference_fn(judge, self.name)
+            st = self.trainer_state
+            if not resumed:
+                seed_everything(self.seed)
+                st.update(run_start=self.spent, step=0, round=0)
+            self._make_optimizer(self.config["learning_rate"])
             if self.config["online"]:
-                self._learn_online(core, ref, target, callback, judge, checkpoint_dir, checkpoint_every)
+                self._learn_online(run, core, ref, judge)
             else:
-                self._learn_offline(core, ref, target, budget, callback, dataset, judge, checkpoint_dir, checkpoint_every)
-            self._checkpoint(checkpoint_dir)
-        finally:
-            self._close_logs()
+                self._learn_offline(run, core, ref, budget, dataset, judge, checkpoint_every)
+            run.save()  # also after epochs that consumed no budget (run.update never found a save due)
         return self
 
-    def _update(self, batch: Pairs, callback, checkpoint_dir, checkpoint_every, safe: bool, advanced: int) -> bool:
-        """One gradient step; logs, callback, checkpoint. Returns False to stop."""
+    def _update(self, batch) -> dict[str, float]:
+        """One gradient step on a batch; returns its metrics."""
         self.policy.train()
         loss, metrics = self.loss(batch)
         metrics["grad_norm"] = self._step(loss)
-        st = self.trainer_state
-        st["step"] += 1
-        st["since_ckpt"] += 1
-        self._log(metrics, advanced)
-        if safe and checkpoint_every and st["since_ckpt"] >= checkpoint_every:
-            st["since_ckpt"] = 0
-            self._checkpoint(checkpoint_dir)
-        return not (callback is not None and callback(self, metrics) is False)
+        self.trainer_state["step"] += 1
+        return metrics
 
-    # -- offline: a fixed dataset, `epochs` passes, each pair paid for once
-    def _offline_pairs(self, core, ref, budget, dataset, judge, checkpoint_dir):
-        from rlhfgym.envs.preferences import load_preferences, save_preferences
+    def _cost_per_item(self) -> int:
+        return 2  # a pair is two completions
+
+    # -- offline: a fixed dataset, `epochs` passes, each pair paid for the first time it is used
+    def _offline_data(self, core, ref, n_budget: int, dataset, judge):
+        """Pairs for offline training: the given dataset, or pairs built from the env (kept in the
+        train state, so that a resumed run trains on the same pairs)."""
+        import datasets
+
+        from rlhfgym.envs.preferences import FEATURES
 
         ds = resolve_dataset(dataset if dataset is not None else self.config["dataset"], self.name)
-        saved = Path(checkpoint_dir) / "data" if checkpoint_dir is not None else None
-        if ds is None and saved is not None and saved.exists():
-            ds = load_preferences(saved)  # the pairs an interrupted run built (same seed, same pairs)
-        if ds is None:  # build: two samples of pi_ref per prompt, labelled by the env's labelers
-            n = budget // 2
-            if n < 1:
-                raise AgentError(f"{self.name}: a budget of {budget} cannot buy one pair (2 completions); raise it.")
+        if ds is None and self.trainer_state.get("pairs") is not None:
+            ds = datasets.Dataset.from_dict(self.trainer_state["pairs"], features=FEATURES)
+        if n_budget < 2:
+            raise AgentError(f"{self.name}: a budget of {n_budget} more completions cannot buy one pair (2 completions); raise it.")
+        if ds is None:  # two samples of pi_ref per prompt, labelled by the env's labelers (or the judge)
             cfg = self.config
-            ds = make_preference_pairs(core, n, "train", policy=reference_policy(core, self.policy.device),
+            n = n_budget // 2
+            ds = make_preference_pairs(core, n, "train", policy=reference_policy(core, ref),
                                        labelers=cfg["labelers"], labeler_temperature=cfg["labeler_temperature"],
                                        labeler_flip_prob=cfg["labeler_flip_prob"], soft_labels=cfg["soft_labels"],
                                        temperature=cfg["temperature"], seed=self.seed, judge=judge)
-            if saved is not None:
-                save_preferences(ds, saved)
-        n = min(len(ds), budget // 2)
-        if n < 1:
-            raise AgentError(f"{self.name}: a budget of {budget} cannot buy one pair (2 completions); raise it.")
-        return self._encode_data(ds.select(range(n)), ref)
+            self.trainer_state["pairs"] = ds.to_dict()
+        n = min(len(ds), n_budget // 2)
+        pairs = Pairs.from_dataset(self.policy, ds.select(range(n))).with_reference(self.policy, ref)
+        return self._to_examples(pairs)
 
-    def _encode_data(self, ds, ref):
-        return Pairs.from_dataset(self.policy, ds).with_reference(self.policy, ref)
+    def _to_examples(self, pairs: "Pairs"):
+        return pairs  # DPO trains on pairs; KTO splits them
 
-    def _learn_offline(self, core, ref, target, budget, callback, dataset, judge, checkpoint_dir, checkpoint_every):
-        data = self._offline_pairs(core, ref, budget, dataset, judge, checkpoint_dir)
-        st, bs, n = self.trainer_state, self.config["batch_size"], len(data)
-        cost = self._cost_per_item()
-        k = 0  # position in the fixed schedule of (epoch, batch)
-        for epoch in range(self.config["epochs"]):
+    def _learn_offline(self, run, core, ref, budget, dataset, judge, checkpoint_every):
+        st, cfg = self.trainer_state, self.config
+        data = self._offline_data(core, ref, budget - st["run_start"], dataset, judge)
+        n, bs, cost = len(data), cfg["batch_size"], self._cost_per_item()
+        k, unsaved = 0, 0  # k: position in the fixed schedule of (epoch, batch)
+        for epoch in range(cfg["epochs"]):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(sub_seed(self.seed, 1, epoch)))
             for s in range(0, n, bs):
                 k += 1
                 if k <= st["step"]:
                     continue  # done before the interruption
-                if self.spent >= target and epoch == 0:
-                    return
                 idx = order[s:s + bs]
-                advanced = cost * len(idx) if epoch == 0 else 0  # pay for data the first time it is used
-                self.spent += advanced
-                if not self._update(data.select(idx), callback, checkpoint_dir, checkpoint_every, True, advanced):
+                metrics = self._update(data.select(idx))
+                paid = cost * len(idx) if epoch == 0 else 0  # data is paid for once
+                if not run.update(paid, metrics):
                     return
+                unsaved += cost * len(idx)
+                if epoch > 0 and checkpoint_every and unsaved >= checkpoint_every:
+                    run.save()  # later epochs consume no budget, so run.update never finds a checkpoint due
+                    unsaved = 0
 
-    def _cost_per_item(self) -> int:
-        return 2  # a pair is two completions
-
-    # -- online: fresh pairs from the current policy each round
-    def _learn_online(self, core, ref, target, callback, judge, checkpoint_dir, checkpoint_every):
+    # -- online: fresh pairs from the current policy each round (one run.update per round)
+    def _learn_online(self, run, core, ref, judge):
         cfg, st = self.config, self.trainer_state
         size = core.task.split_size("train")
-        while self.spent + 2 <= target:
-            n = min(cfg["pairs_per_round"], (target - self.spent) // 2)
+        while run.remaining >= 2 and not run.stopped:
+            n = min(cfg["pairs_per_round"], run.remaining // 2)
             rng = np.random.default_rng(sub_seed(self.seed, 2, st["round"]))
             prompts = [core.task.prompt("train", int(i)) for i in rng.choice(size, n, replace=size < n)]
             torch.manual_seed(sub_seed(self.seed, 3, st["round"]))
-            self.policy.eval()
+            # two completions per prompt from the current policy, labelled by the labelers / judge
             a = self.policy.sample(prompts, temperature=cfg["temperature"])
             b = self.policy.sample(prompts, temperature=cfg["temperature"])
-            self.spent += 2 * n
-            self._log({"round_completions": 2 * n}, 2 * n)
             ds, picked_a = label_pairs(core, prompts, a.texts, b.texts, labelers=cfg["labelers"],
-                             labeler_temperature=cfg["labeler_temperature"], labeler_flip_prob=cfg["labeler_flip_prob"],
-                             soft_labels=cfg["soft_labels"], seed=sub_seed(self.seed, 4, st["round"]), judge=judge)
-            data = self._pairs_from_rollouts(a, b, picked_a, ds["label_prob"], ref)
-            st["round"] += 1
-            stop = False
+                                       labeler_temperature=cfg["labeler_temperature"],
+                                       labeler_flip_prob=cfg["labeler_flip_prob"], soft_labels=cfg["soft_labels"],
+                                       seed=sub_seed(self.seed, 4, st["round"]), judge=judge)
+            data = self._to_examples(self._pairs_from_rollouts(a, b, picked_a, ds["label_prob"], ref))
+            history = []
             for epoch in range(cfg["epochs"]):
                 order = torch.randperm(len(data), generator=torch.Generator().manual_seed(sub_seed(self.seed, 5, st["round"], epoch)))
                 for s in range(0, len(data), cfg["batch_size"]):
-                    if not self._update(data.select(order[s:s + cfg["batch_size"]]), callback, checkpoint_dir, None, False, 0):
-                        stop = True
-                        break
-                if stop:
-                    break
-            if checkpoint_every and st["since_ckpt"] >= checkpoint_every:  # end of a round: a complete state
-                st["since_ckpt"] = 0
-                self._checkpoint(checkpoint_dir)
-            if stop:
-                return
+                    history.append(self._update(data.select(order[s:s + cfg["batch_size"]])))
+            st["round"] += 1
+            metrics = {k: float(np.nanmean([m[k] for m in history])) for k in history[0]}
+            metrics["gold"] = _mean_gold(core, prompts * 2, a.texts + b.texts)
+            run.update(2 * n, metrics)
 
-    def _pairs_from_rollouts(self, a, b, picked_a, label_prob, ref):
-        """Pairs from two rollouts with the sampled tokens kept (no re-tokenisation of the text)."""
+    def _pairs_from_rollouts(self, a, b, picked_a, label_prob, ref) -> "Pairs":
+        """Pairs from two rollouts, keeping the sampled tokens (no re-tokenisation of the text)."""
         pad = self.policy.pad_id
-        picked_a = torch.as_tensor(picked_a, dtype=torch.bool, device=a.tokens.device)
         t = max(a.tokens.shape[1], b.tokens.shape[1])
         ta, tb = F.pad(a.tokens, (0, t - a.tokens.shape[1]), value=pad), F.pad(b.tokens, (0, t - b.tokens.shape[1]), value=pad)
         ma, mb = F.pad(a.mask, (0, t - a.mask.shape[1])), F.pad(b.mask, (0, t - b.mask.shape[1]))
-        sel = picked_a[:, None]
+        sel = torch.as_tensor(np.asarray(picked_a), dtype=torch.bool, device=ta.device)[:, None]
         data = Pairs(a.prompt_ids, torch.where(sel, ta, tb), torch.where(sel, ma, mb), torch.where(sel, tb, ta),
-                     torch.where(sel, mb, ma), torch.tensor(label_prob, dtype=torch.float32))
+                     torch.where(sel, mb, ma), torch.tensor(list(label_prob), dtype=torch.float32))
         return data.with_reference(self.policy, ref)
 
     # ------------------------------------------------------------------ evaluation
@@ -694,9 +596,9 @@ class DPO(TrainingAgent):
         if self.policy is None:
             raise AgentError(f"{self.name}: no policy yet; call learn(env, budget) or load(dir) first.")
         core = env_core(env, self.name)
-        check_tokenizer(self.policy, core, self.name)
+        check_policy_env(self, self.policy, core)
         ds = resolve_dataset(dataset, self.name)
-        data = Pairs.from_dataset(self.policy, ds).with_reference(self.policy, reference_model_for(core, self.policy))
+        data = Pairs.from_dataset(self.policy, ds).with_reference(self.policy, reference_for(self.policy, core))
         was = self.policy.training
         self.policy.eval()
         pw = batched_logps(self.policy, data.prompt_ids, data.chosen, data.chosen_mask)
@@ -740,18 +642,13 @@ class Unpaired:
 
     @classmethod
     def from_pairs(cls, pairs: Pairs, pad_id: int) -> "Unpaired":
-        """chosen -> desirable, rejected -> undesirable (pairs whose label is a tie are dropped);
-        interleaved so that every prefix has as many desirable as undesirable examples."""
-        keep = (pairs.label_prob != 0.5).nonzero().flatten().tolist()
-        pairs = pairs.select(keep)
-        w_first = pairs.label_prob > 0.5  # label_prob < 0.5 means the record leans to "rejected"
-        toks = pad_cat(pairs.chosen, pairs.rejected, pad_id)
-        masks = pad_cat(pairs.chosen_mask, pairs.rejected_mask, 0)
-        n = len(pairs)
-        order = torch.stack([torch.arange(n), torch.arange(n) + n], 1).flatten()
-        desirable = torch.cat([w_first, ~w_first])
+        """chosen -> desirable, rejected -> undesirable (pairs whose label is a tie are dropped; a
+        label_prob below 1/2 means the record leans to "rejected", which is then the desirable one)."""
+        pairs = pairs.select((pairs.label_prob != 0.5).nonzero().flatten())
+        chosen_wins = pairs.label_prob > 0.5
         ref = None if pairs.ref_chosen is None else torch.cat([pairs.ref_chosen, pairs.ref_rejected])
-        return cls((pairs.prompt_ids * 2), toks, masks, desirable, ref).select(order)
+        return cls(pairs.prompt_ids * 2, pad_cat(pairs.chosen, pairs.rejected, pad_id),
+                   pad_cat(pairs.chosen_mask, pairs.rejected_mask, 0), torch.cat([chosen_wins, ~chosen_wins]), ref)
 
 
 class KTO(DPO):
@@ -818,21 +715,22 @@ class KTO(DPO):
     def _cost_per_item(self) -> int:
         return 1  # one unpaired completion
 
-    def _offline_pairs(self, core, ref, budget, dataset, judge, checkpoint_dir):
+    def _to_examples(self, pairs: Pairs) -> Unpaired:
+        return Unpaired.from_pairs(pairs, self.policy.pad_id)
+
+    def _offline_data(self, core, ref, n_budget, dataset, judge):
         ds = dataset if dataset is not None else self.config["dataset"]
         if hasattr(ds, "column_names") and {"completion", "label"} <= set(ds.column_names):
-            n = min(len(ds), budget)  # an unpaired dataset: one completion per record
+            n = min(len(ds), n_budget)  # an unpaired dataset: one completion per record
+            if n < 1:
+                raise AgentError(f"{self.name}: a budget of {n_budget} more completions cannot buy one example; raise it.")
             ds = ds.select(range(n))
             tokens, mask = encode_completions(self.policy, ds["completion"])
             data = Unpaired(self.policy.encode_prompts(list(ds["prompt"])), tokens, mask,
                             torch.tensor([bool(x) for x in ds["label"]]))
             data.ref = batched_logps(self.policy, data.prompt_ids, data.tokens, data.mask, model=ref)
             return data
-        data = super()._offline_pairs(core, ref, budget, dataset, judge, checkpoint_dir)
-        return Unpaired.from_pairs(data, self.policy.pad_id)
-
-    def _pairs_from_rollouts(self, a, b, picked_a, label_prob, ref):
-        return Unpaired.from_pairs(super()._pairs_from_rollouts(a, b, picked_a, label_prob, ref), self.policy.pad_id)
+        return super()._offline_data(core, ref, n_budget, dataset, judge)
 
     @torch.no_grad()
     def evaluate(self, env, dataset) -> dict[str, float]:

@@ -31,7 +31,7 @@ policies) or "ema" (an exponential moving average of past parameters, Nash-EMA, 
 
 The preference: a callable passed to :meth:`NashMD.learn` (``(prompts, a, b) -> P(a > b)`` or an
 object with ``prefer``, e.g. a :class:`~rlhfgym.envs.preference_model.PreferenceModel`), else
-``env.unwrapped.prefer`` when the env offers one, else the env's reward model as
+``env.unwrapped.prefer`` (or its reward model's ``prefer``) when the env offers one, else the env's reward model as
 ``sigmoid((r(a) - r(b)) / preference_temperature)``; ``preference="labelers"`` uses the env's
 simulated labeler population (its mixture probability, e.g. the non-transitive preset).
 
@@ -48,9 +48,10 @@ import torch
 
 from rlhfgym.envs.lm import IncrementalLM
 
-from .base import AgentError
+from .base import AgentError, TrainingRun, reference_for
 from .dpo import (
     TrainingAgent,
+    _mean_gold,
     as_preference_fn,
     check_range,
     env_core,
@@ -152,7 +153,8 @@ class NashMD(TrainingAgent):
         if preference is not None:
             return as_preference_fn(preference, self.name)
         source = cfg["preference"]
-        env_prefer = getattr(core, "prefer", None)
+        # the env's own pairwise oracle: env.unwrapped.prefer, or its reward model's prefer (feedback envs)
+        env_prefer = getattr(core, "prefer", None) or getattr(getattr(core, "reward_model", None), "prefer", None)
         if source in ("auto", "env") and callable(env_prefer):
             return env_prefer
         if source == "env":
@@ -214,41 +216,39 @@ class NashMD(TrainingAgent):
 
     # ------------------------------------------------------------------ learning
     def learn(self, env, budget: int, callback=None, *, preference=None, checkpoint_dir=None,
-              checkpoint_every: int | None = None) -> "NashMD":
-        """Self-play against the mixture opponent until ``budget`` completions are sampled."""
-        if checkpoint_every is not None:
-            check_range("checkpoint_every", self.name, checkpoint_every, low=1, integer=True)
-        core, ref = self._setup(env, budget)
-        if budget < 2:
-            raise AgentError(f"{self.name}: a budget of {budget} cannot buy one comparison (2 completions); raise it.")
-        prefer = self.preference_fn(core, preference)
-        resumed = self._resume(checkpoint_dir)
-        st = self.trainer_state
-        if not resumed:
-            seed_everything(self.seed)
-            st.update(run_start=self.spent, step=0, since_ckpt=0)
-            if self.config["opponent"] == "past":
-                st["snapshots"] = [self._model_state()]
-            elif self.config["opponent"] == "ema":
-                st["ema"] = self._model_state()
-        self._opp = None
-        target = st["run_start"] + budget
-        cfg = self.config
-        self._make_optimizer(cfg["learning_rate"])
-        self._open_logs(budget, self.spent - st["run_start"])
-        mixture = self._mixture(ref)
-        size = core.task.split_size("train")
-        try:
-            while self.spent + 2 <= target:
-                n = min(cfg["batch_size"], (target - self.spent) // 2)
+              checkpoint_every: int | None = None, log_dir=None, progress_bar: bool = True) -> "NashMD":
+        """Play against the opponent until the agent has sampled ``budget`` completions in total.
+
+        ``preference``: ``(prompts, a, b) -> P(a > b)`` (or an object with ``prefer``); see the
+        module docstring for the default. ``checkpoint_dir`` / ``checkpoint_every`` (completions) /
+        ``log_dir`` / ``progress_bar``: see :class:`~rlhfgym.agents.base.TrainingRun`.
+        """
+        with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         log_dir=log_dir, progress_bar=progress_bar) as run:
+            core, ref, resumed = self._start(run, env)
+            if run.remaining == 1:
+                raise AgentError(f"{self.name}: 1 completion left in the budget cannot buy one comparison (2); raise it.")
+            prefer = self.preference_fn(core, preference)
+            cfg, st = self.config, self.trainer_state
+            if not resumed:
+                seed_everything(self.seed)
+                st.update(step=0)
+                if cfg["opponent"] == "past":
+                    st["snapshots"] = [self._model_state()]
+                elif cfg["opponent"] == "ema":
+                    st["ema"] = self._model_state()
+            self._opp = None
+            self._make_optimizer(cfg["learning_rate"])
+            mixture = self._mixture(ref)
+            size = core.task.split_size("train")
+            while run.remaining >= 2 and not run.stopped:
+                n = min(cfg["batch_size"], run.remaining // 2)
                 rng = np.random.default_rng(sub_seed(self.seed, 22, st["step"]))
                 prompts = [core.task.prompt("train", int(i)) for i in rng.choice(size, n, replace=size < n)]
                 torch.manual_seed(sub_seed(self.seed, 23, st["step"]))
-                self.policy.eval()
                 # y ~ pi,  y' ~ pi^mu  (the opponent mixed per token with pi_ref)
                 y = self.policy.sample(prompts, temperature=cfg["temperature"])
                 y_opp = self._opponent_policy(st).sample(prompts, temperature=cfg["temperature"], mixture=mixture)
-                self.spent += 2 * n
                 # p = P(y > y' | x)
                 p = preference_probs(prefer, prompts, y.texts, y_opp.texts, self.name).to(self.policy.device)
                 # loss = beta_kl KL(pi || pi_ref) - (p - 1/2) sum_t log pi(y_t)
@@ -262,20 +262,11 @@ class NashMD(TrainingAgent):
                 kl_term = (log_ratio * logp).sum(-1)  # REINFORCE surrogate: its gradient is grad KL(pi || pi_ref)
                 loss = (cfg["kl_coef"] * kl_term - score).mean()
                 metrics = {"loss": loss.item(), "win_rate": float(p.mean()), "kl": float(log_ratio.sum(-1).mean()),
-                           "length": float(mask.sum(-1).float().mean())}
+                           "length": float(mask.sum(-1).float().mean()), "gold": _mean_gold(core, prompts, y.texts)}
                 metrics["grad_norm"] = self._step(loss)
                 st["step"] += 1
-                st["since_ckpt"] += 1
                 self._after_update(st)
-                self._log(metrics, 2 * n)
-                if checkpoint_every and st["since_ckpt"] >= checkpoint_every:
-                    st["since_ckpt"] = 0
-                    self._checkpoint(checkpoint_dir)
-                if callback is not None and callback(self, metrics) is False:
-                    break
-            self._checkpoint(checkpoint_dir)
-        finally:
-            self._close_logs()
+                run.update(2 * n, metrics)
         return self
 
     # ------------------------------------------------------------------ evaluation
@@ -292,5 +283,5 @@ class NashMD(TrainingAgent):
         torch.manual_seed(seed)
         mine = self.policy.generate_text(prompts, temperature=temperature)
         torch.manual_seed(seed + 1)
-        theirs = reference_policy(core, self.policy.device).generate_text(prompts, temperature=temperature)
+        theirs = reference_policy(core, reference_for(self.policy, core)).generate_text(prompts, temperature=temperature)
         return float(preference_probs(prefer, prompts, mine, theirs, self.name).mean())

@@ -145,8 +145,12 @@ class CausalLMPolicy(nn.Module):
                mixture=None) -> Rollout:
         """Sample one completion per prompt with a KV cache (all rows in one batch).
 
-        ``mixture``: optional callable ``(policy_logprobs, step_state) -> logprobs`` used by
-        Nash-MD to sample from a geometric mixture; ``None`` samples from the policy itself.
+        ``mixture``: optional hook that changes the sampling distribution (Nash-MD's geometric
+        mixture with pi_ref, :class:`rlhfgym.agents.nash_md.GeometricMixture`): ``mixture.start(
+        prompt_ids, max_new_tokens)`` returns a per-rollout stepper whose ``mix(logp) -> logp``
+        maps this policy's (temperature-scaled) next-token log-probs (B, V) to the ones sampled
+        from, and ``step(tokens, active)`` sees every sampled token (e.g. to advance its own KV
+        cache). ``Rollout.logprobs`` are then the mixture's. ``None`` samples from the policy itself.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")

@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhfgym.envs.lm import _position_ids
+
 from .base import Agent, AgentError, TrainingRun, check_policy_env, load_train_state, reference_for, save_train_state
 from .policy import CausalLMPolicy
 
@@ -70,6 +72,24 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> tor
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates (Schulman et al. 2016) of (B, T) per-token rewards.
+
+    ``delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)`` with ``V = 0`` after a completion's last token,
+    ``A_t = delta_t + gamma * lam * A_{t+1}``; zero on padding.
+    """
+    values = values * mask
+    adv = torch.zeros_like(rewards)
+    gae = torch.zeros_like(rewards[:, 0])
+    horizon = rewards.shape[1]
+    for t in reversed(range(horizon)):
+        next_v = values[:, t + 1] if t + 1 < horizon else torch.zeros_like(gae)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        gae = (delta + gamma * lam * gae) * mask[:, t]
+        adv[:, t] = gae
+    return adv
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise AgentError(f"ppo: {message}")
@@ -81,7 +101,7 @@ class PPO(Agent):
     Args:
         policy: a :class:`CausalLMPolicy` (gets a value head if it has none); None = a copy of the
             env's reference model, made in :meth:`learn`.
-        learning_rate: Adam step size (TRL uses 3e-6 for 1B models; the 2.4M micro policy wants ~1e-4).
+        learning_rate: Adam step size (TRL uses 3e-6 for 1B models; the 2.4M micro policy 3e-5 to 1e-4).
         batch_size: completions per rollout (and per update round).
         mini_batch_size: completions per gradient step; ``batch_size / mini_batch_size`` steps per epoch.
         ppo_epochs: passes over each rollout (K in the seeds).
@@ -103,12 +123,12 @@ class PPO(Agent):
 
     name = "ppo"
 
-    def __init__(self, policy: CausalLMPolicy | None = None, *, learning_rate: float = 1e-4, batch_size: int = 64,
+    def __init__(self, policy: CausalLMPolicy | None = None, *, learning_rate: float = 3e-5, batch_size: int = 64,
                  mini_batch_size: int = 16, ppo_epochs: int = 4, cliprange: float = 0.2, cliprange_value: float = 0.2,
                  vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, kl_coef: float | None = None,
                  kl_mode: str = "fixed", adaptive_kl_target: float = 3.0, target_kl: float | None = None,
                  whiten_advantages: bool = True, missing_eos_penalty: float | None = None, max_grad_norm: float = 1.0,
-                 temperature: float = 1.0, value_warmup_steps: int = 0, split: str = "train",
+                 temperature: float = 1.0, value_warmup_steps: int = 50, split: str = "train",
                  device: str = "cpu", seed: int = 0):
         _require(learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}.")
         _require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}.")
@@ -186,7 +206,7 @@ class PPO(Agent):
                 raw_scores = scores.clone()
                 if c["missing_eos_penalty"] is not None:  # TRL: truncated completions lose a fixed amount
                     scores = scores - c["missing_eos_penalty"] * (~roll.ended).float()
-                policy.eval()
+                policy.eval()  # and it stays so: dropout would make pi_theta_old != pi_theta at step 0
                 with torch.no_grad():
                     old_logp, old_values = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask,
                                                                    temperature=c["temperature"], with_values=True)
@@ -206,19 +226,12 @@ class PPO(Agent):
                                                                        temperature=c["temperature"], with_values=True)
 
                     # ---- 3. GAE: delta_t = r_t + gamma V(s_{t+1}) - V(s_t); A_t = sum_l (gamma lam)^l delta_{t+l}
-                    adv = torch.zeros_like(rewards)
-                    gae = torch.zeros(n, device=policy.device)
-                    horizon = rewards.shape[1]
-                    for t in reversed(range(horizon)):
-                        next_v = old_values[:, t + 1] if t + 1 < horizon else torch.zeros_like(gae)  # 0 after the end
-                        delta = rewards[:, t] + c["gamma"] * next_v - old_values[:, t]
-                        gae = delta + c["gamma"] * c["lam"] * gae
-                        adv[:, t] = gae
+                    adv = gae_advantages(rewards, old_values, mask, c["gamma"], c["lam"])
                     returns = (adv + old_values) * mask  # value targets R_t = A_t + V(s_t)
                     adv = masked_whiten(adv, mask) if c["whiten_advantages"] else adv * mask
 
-                # ---- 4. K epochs of minibatch Adam on the clipped surrogate
-                policy.train()
+                # ---- 4. K epochs of minibatch Adam on the clipped surrogate (eval mode: no dropout, so the
+                # ratio is exactly 1 before the first step, as the surrogate assumes)
                 stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "approx_kl": [], "clipfrac": []}
                 stop = False
                 for _epoch in range(c["ppo_epochs"]):
@@ -253,7 +266,6 @@ class PPO(Agent):
                             break
                     if stop:
                         break
-                policy.eval()
 
                 # ---- 5. KL coefficient: fixed, or the seeds' adaptive rule on KL(pi_theta || pi_ref)
                 kl = kl_t.sum(1).mean().item()  # E_y~pi[log pi(y|x) - log pi_ref(y|x)], per completion
@@ -266,6 +278,7 @@ class PPO(Agent):
 
                 metrics = {
                     "score": raw_scores.mean().item(),
+                    "reward": scores.mean().item(),
                     "kl": kl,
                     "objective": (raw_scores - beta_used * kl_t.sum(1)).mean().item(),
                     "beta": beta_used,
@@ -284,8 +297,6 @@ class PPO(Agent):
         """Fit the value head alone (linear regression on frozen last hidden states) to ``targets``."""
         policy = self.policy
         ids, att, p = policy.batch(roll.prompt_ids, roll.tokens, roll.mask)
-        from rlhfgym.envs.lm import _position_ids
-
         with torch.no_grad():
             out = policy.model(input_ids=ids, attention_mask=att, position_ids=_position_ids(att), output_hidden_states=True)
             hidden = out.hidden_states[-1][:, p - 1:-1].float()
@@ -305,6 +316,8 @@ class PPO(Agent):
 
     def load_extra(self, directory: Path) -> None:
         self._train_state = load_train_state(directory, device=self.device)
+        if self._train_state:
+            self.beta = self._train_state.get("beta")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -59,7 +59,7 @@ class Reinforce(Agent):
 
     name = "reinforce"
 
-    def __init__(self, policy: CausalLMPolicy | None = None, *, learning_rate: float = 3e-5, batch_size: int = 32,
+    def __init__(self, policy: CausalLMPolicy | None = None, *, learning_rate: float = 1e-4, batch_size: int = 32,
                  kl_coef: float | None = None, baseline_decay: float = 0.9, normalize_advantages: bool = False,
                  missing_eos_penalty: float | None = None, max_grad_norm: float = 1.0, temperature: float = 1.0,
                  split: str = "train", device: str = "cpu", seed: int = 0):
@@ -109,6 +109,8 @@ class Reinforce(Agent):
         ``checkpoint_every`` completions and at the end. ``log_dir``: TensorBoard scalars.
         """
         c, k = self.config, self.samples_per_prompt
+        if isinstance(budget, int) and 0 < budget < k:
+            raise AgentError(f"{self.name}: budget={budget} is less than rloo_k={k} samples of one prompt; raise the budget.")
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
             run.resume()
@@ -143,8 +145,9 @@ class Reinforce(Agent):
                 if c["missing_eos_penalty"] is not None:
                     scores = scores - c["missing_eos_penalty"] * (~roll.ended).float()
 
-                # ---- log pi_theta(y|x) with gradients; log pi_ref(y|x) without
-                policy.train()
+                # ---- log pi_theta(y|x) with gradients (eval mode: the log-probs of the policy that sampled y,
+                # no dropout); log pi_ref(y|x) without
+                policy.eval()
                 logp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, temperature=c["temperature"])
                 with torch.no_grad():
                     ref_logp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
@@ -162,10 +165,10 @@ class Reinforce(Agent):
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), c["max_grad_norm"])
                 self.optimizer.step()
-                policy.eval()
 
                 metrics = {
                     "score": raw_scores.mean().item(),
+                    "reward": scores.mean().item(),
                     "kl": kl.mean().item(),
                     "objective": (raw_scores - beta * kl).mean().item(),
                     "loss": loss.item(),
@@ -188,6 +191,8 @@ class Reinforce(Agent):
 
     def load_extra(self, directory: Path) -> None:
         self._train_state = load_train_state(directory, device=self.device)
+        if self._train_state:
+            self.baseline = self._train_state.get("baseline")
 
 
 class RLOO(Reinforce):

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import AgentError
+from .base import AgentError, TrainingRun
 from .dpo import (
     TrainingAgent,
     check_range,
@@ -107,7 +107,6 @@ class ReST(TrainingAgent):
                          lr_decay=float(lr_decay), improve_epochs=improve_epochs, batch_size=batch_size,
                          max_grad_norm=float(max_grad_norm), eval_prompts=eval_prompts,
                          eval_temperature=float(eval_temperature), **kwargs)
-        self.best_state: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, core, budget: int) -> tuple[int, bool]:
@@ -116,11 +115,11 @@ class ReST(TrainingAgent):
         original = cfg["include_original"] and hasattr(core.task, "reference")
         per_prompt = cfg["grow_steps"] * cfg["samples_per_prompt"] + (1 if original else 0)
         n = cfg["prompts_per_grow"] or budget // per_prompt
-        if n < 1:
+        if n < 1 or n * per_prompt > budget:
             raise AgentError(
-                f"{self.name}: a budget of {budget} does not cover one prompt ({per_prompt} completions: "
-                f"{cfg['grow_steps']} Grow steps x {cfg['samples_per_prompt']} samples"
-                f"{' + 1 original' if original else ''}); raise the budget or lower samples_per_prompt."
+                f"{self.name}: a budget of {budget} does not cover {max(n, 1)} prompt(s) at {per_prompt} completions each "
+                f"({cfg['grow_steps']} Grow steps x {cfg['samples_per_prompt']} samples"
+                f"{' + 1 original' if original else ''}); raise the budget or lower prompts_per_grow / samples_per_prompt."
             )
         return n, original
 
@@ -153,7 +152,7 @@ class ReST(TrainingAgent):
         texts = self.policy.generate_text(prompts, temperature=t)
         return float(core.score(prompts, texts).float().mean())
 
-    def _bc_epoch(self, data, idx: np.ndarray, key: tuple, callback) -> bool:
+    def _bc_epoch(self, run, data, idx: np.ndarray, key: tuple) -> bool:
         """One pass of BC (NLL) over ``data[idx]``. Returns False when the callback stops."""
         prompt_ids, tokens, mask = data
         bs = self.config["batch_size"]
@@ -166,47 +165,40 @@ class ReST(TrainingAgent):
             logp = self.policy.forward_logprobs([prompt_ids[i] for i in b], tok, m)
             loss = -logp.sum() / m.sum().clamp(min=1).to(logp.device)
             metrics = {"loss": loss.item(), "grad_norm": self._step(loss)}
-            self.trainer_state["updates"] += 1
-            self._log(metrics)
-            if callback is not None and callback(self, metrics) is False:
+            if not run.update(0, metrics):  # the data was paid for when it was grown
                 return False
         return True
 
     # ------------------------------------------------------------------ learning
-    def learn(self, env, budget: int, callback=None, *, checkpoint_dir=None, checkpoint_every: int | None = None) -> "ReST":
-        """Grow/Improve until the Grow steps are done (budget = completions sampled or read).
+    def learn(self, env, budget: int, callback=None, *, checkpoint_dir=None, checkpoint_every: int | None = None,
+              log_dir=None, progress_bar: bool = True) -> "ReST":
+        """Grow and Improve until the Grow steps are done; ``budget`` is the agent's total of
+        completions sampled or read (it sets the number of prompts unless ``prompts_per_grow``).
 
-        Checkpoints are written after every Improve step (``checkpoint_every`` counts Improve
-        steps); the best policy so far is kept in the checkpoint too.
+        Checkpoints (``checkpoint_dir``) are written when ``checkpoint_every`` completions are due
+        (after a Grow step) and, with ``checkpoint_every`` set, after every Improve step; the best
+        policy so far travels in the checkpoint. At the end the agent holds the best policy.
         """
-        if checkpoint_every is not None:
-            check_range("checkpoint_every", self.name, checkpoint_every, low=1, integer=True)
-        core, _ = self._setup(env, budget)
-        cfg = self.config
-        n_prompts, original = self._plan(core, budget)
-        resumed = self._resume(checkpoint_dir)
-        st = self.trainer_state
-        if not resumed:
-            seed_everything(self.seed)
-            st.update(run_start=self.spent, grow=0, improve=0, updates=0, since_ckpt=0, data=None,
-                      best_score=None, best_state=None)
-        self._make_optimizer(cfg["learning_rate"])
-        self._open_logs(budget, self.spent - st["run_start"])
-        rng = np.random.default_rng(sub_seed(self.seed, 11))
-        size = core.task.split_size("train")
-        idx = rng.choice(size, n_prompts, replace=size < n_prompts)
-        prompts = [core.task.prompt("train", int(i)) for i in idx]
-        stop = False
-        try:
+        with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         log_dir=log_dir, progress_bar=progress_bar) as run:
+            core, _, resumed = self._start(run, env)
+            cfg, st = self.config, self.trainer_state
+            if not resumed:
+                seed_everything(self.seed)
+                st.update(run_start=self.spent, grow=0, improve=0, data=None, best_score=None, best_state=None)
+            n_prompts, original = self._plan(core, budget - st["run_start"])
+            self._make_optimizer(cfg["learning_rate"])
+            rng = np.random.default_rng(sub_seed(self.seed, 11))
+            size = core.task.split_size("train")
+            idx = rng.choice(size, n_prompts, replace=size < n_prompts)
+            prompts = [core.task.prompt("train", int(i)) for i in idx]
             if st["best_score"] is None and cfg["eval_prompts"] > 0:  # the starting policy is a candidate too
-                st["best_score"] = self.validation_reward(core)
-                st["best_state"] = self._state_copy()
-                self._log({"validation_reward": st["best_score"]})
-            while st["grow"] < cfg["grow_steps"] and not stop:
+                st["best_score"], st["best_state"] = self.validation_reward(core), self._state_copy()
+                run.update(0, {"validation_reward": st["best_score"]})
+            while st["grow"] < cfg["grow_steps"] and not run.stopped:
                 # ---------------- Grow: D_g = D ∪ samples of the current policy, each scored once
                 if st["data"] is None:
                     torch.manual_seed(sub_seed(self.seed, 12, st["grow"]))
-                    self.policy.eval()
                     x, y, cost = [], [], 0
                     if original:
                         x += prompts
@@ -218,57 +210,49 @@ class ReST(TrainingAgent):
                         cost += len(prompts)
                     rewards = core.score(x, y).float().cpu().numpy()
                     st["data"] = {"prompts": x, "completions": y, "rewards": rewards.tolist()}
-                    self.spent += cost
-                    self._log({"grow_reward": float(rewards.mean()), "grow_size": len(y)}, cost)
+                    if not run.update(cost, {"grow_reward": float(rewards.mean()), "grow_size": len(y)}):
+                        break
                 data = st["data"]
                 rewards = np.asarray(data["rewards"], dtype=np.float64)
                 normalised = self._normalise(core, rewards)
                 tokens, mask = encode_completions(self.policy, data["completions"])
                 tensors = (self.policy.encode_prompts(data["prompts"]), tokens, mask)
                 # ---------------- Improve: filter with rising thresholds, BC from the previous policy
-                while st["improve"] < len(cfg["thresholds"]):
+                while st["improve"] < len(cfg["thresholds"]) and not run.stopped:
                     i = st["improve"]
                     keep = self._filter(normalised, cfg["thresholds"][i])
-                    if len(keep) == 0:
-                        self._log({"filtered": 0})
-                        st["improve"] = len(cfg["thresholds"])  # nothing passes: higher thresholds neither
+                    if len(keep) == 0:  # nothing passes: the higher thresholds neither
+                        st["improve"] = len(cfg["thresholds"])
                         break
-                    for group in self.optimizer.param_groups:
+                    for group in self.optimizer.param_groups:  # a lower learning rate each Improve step
                         group["lr"] = cfg["learning_rate"] * cfg["lr_decay"] ** i
                     for epoch in range(cfg["improve_epochs"]):
-                        if not self._bc_epoch(tensors, keep, (13, st["grow"], i, epoch), callback):
-                            stop = True
+                        if not self._bc_epoch(run, tensors, keep, (13, st["grow"], i, epoch)):
                             break
-                    if stop:
+                    if run.stopped:
                         break
-                    metrics = {"filtered": len(keep), "filtered_reward": float(rewards[keep].mean()),
-                               "threshold": cfg["thresholds"][i]}
-                    if cfg["eval_prompts"] > 0:
-                        score = self.validation_reward(core)
-                        metrics["validation_reward"] = score
-                        if st["best_score"] is None or score > st["best_score"]:
+                    metrics = {"threshold": cfg["thresholds"][i], "filtered": len(keep),
+                               "filtered_reward": float(rewards[keep].mean())}
+                    if cfg["eval_prompts"] > 0:  # keep the best policy by validation reward
+                        metrics["validation_reward"] = score = self.validation_reward(core)
+                        if score > st["best_score"]:
                             st["best_score"], st["best_state"] = score, self._state_copy()
-                    self._log(metrics)
                     st["improve"] += 1
-                    st["since_ckpt"] += 1
-                    if checkpoint_every and st["since_ckpt"] >= checkpoint_every:
-                        st["since_ckpt"] = 0
-                        self._checkpoint(checkpoint_dir)
-                if stop:
+                    run.update(0, metrics)
+                    if checkpoint_every is not None:
+                        run.save()
+                if run.stopped:
                     break
-                # next Grow step starts from the best policy so far
-                if st["best_state"] is not None:
+                if st["best_state"] is not None:  # the next Grow step starts from the best policy so far
                     self.policy.load_state_dict(st["best_state"])
                 st.update(grow=st["grow"] + 1, improve=0, data=None)
-            if stop:
-                self._checkpoint(checkpoint_dir)  # stopped by the callback: resumable where it stopped
-            if st["best_state"] is not None:  # keep the best checkpoint by validation reward
+            if run.stopped:
+                run.save()  # the state where it stopped, resumable
+            if st["best_state"] is not None:  # the agent keeps the best checkpoint by validation reward
                 self.policy.load_state_dict(st["best_state"])
-            if not stop:
+            if not run.stopped:
                 st.update(best_state=None, data=None)  # finished: nothing left to resume
-                self._checkpoint(checkpoint_dir)
-        finally:
-            self._close_logs()
+                run.save()
         return self
 
     def _state_copy(self) -> dict[str, torch.Tensor]:

@@ -94,10 +94,14 @@ __all__ = [
     "build_all_feedback",
     "cycle_completions",
     "measure_preference_cycle",
+    "constructed_pairs",
+    "CONSTRUCTED_PAIRS",
     "truncated_backbone",
     "extend_tokenizer",
     "judge_words",
     "checker_verdicts",
+    "judge_examples",
+    "train_judge_lm",
     "load_judge",
     "default_root",
     "asset_bytes",
@@ -442,7 +446,7 @@ def build_preference_data(
     samples_per_prompt: int = 4,
     temperatures: Sequence[float] = (0.7, 1.0, 1.3),
     max_new_tokens: int = 32,
-    gen_batch_size: int = 512,
+    gen_batch_size: int = 2048,
     population: str = "alpacafarm",
     flip_prob: float = 0.25,
     data_dir=None,
@@ -554,8 +558,8 @@ def build_reward_model(
     data: PreferenceData | None = None,
     facts: bool = False,
     epochs: int = 2,
-    lr: float = 2e-4,
-    batch_size: int = 64,
+    lr: float = 3e-4,
+    batch_size: int = 128,
     n_layers: int | None = 3,
     soft_labels: bool = True,
     n_normalise: int = 4096,
@@ -659,8 +663,8 @@ def build_preference_model(
     *,
     data: PreferenceData | None = None,
     epochs: int = 2,
-    lr: float = 2e-4,
-    batch_size: int = 64,
+    lr: float = 3e-4,
+    batch_size: int = 128,
     n_layers: int | None = 3,
     soft_labels: bool = True,
     progress: bool = True,
@@ -772,6 +776,32 @@ def _constructed(task: NewsTask, split: str, index: int, rng: random.Random) -> 
     out = {w: task.reference(split, index, w) for w in WRITERS}
     out.update({f"cycle_{k}": v for k, v in cycle_completions(article, rng).items()})
     return out
+
+
+#: pairs of constructed summaries on which the principles disagree (see :func:`constructed_pairs`)
+CONSTRUCTED_PAIRS = (("cycle_A", "cycle_B"), ("cycle_B", "cycle_C"), ("cycle_C", "cycle_A"),
+                     ("expert", "omitter"), ("expert", "wordy"), ("expert", "inventor"))
+
+
+def constructed_pairs(task: NewsTask, split: str, n: int, seed: int = 0, population: str = "alpacafarm") -> "PairSet":
+    """:data:`CONSTRUCTED_PAIRS` on the first ``n`` prompts of ``split``, labelled by ``population``.
+
+    The cycle sets trade the criteria off against each other and each writer fails one criterion,
+    so these pairs show whether a judge reads the principle (its verdict must change with it).
+    """
+    rng = random.Random(f"constructed-{seed}-{split}")
+    P, A, B = [], [], []
+    for i in range(n):
+        pool = _constructed(task, split, i, rng)
+        prompt = task.prompt(split, i)
+        for x, y in CONSTRUCTED_PAIRS:
+            if pool[x] != pool[y]:
+                P.append(prompt)
+                A.append(pool[x])
+                B.append(pool[y])
+    memo = _Memo(task.gold_components)
+    pop = LabelerPopulation.preset(population, components_fn=memo)
+    return _label(pop, memo, P, A, B, np.random.default_rng(seed))
 
 
 def measure_preference_cycle(
@@ -901,16 +931,23 @@ def _judge_pairs(data: PreferenceData, n_pairs: int, constructed_frac: float, rn
     return P, A, B, memo.array(P, A), memo.array(P, B)
 
 
-def _judge_examples(judge_builder, constitution, P, A, B, ca, cb):
-    """Texts and targets: every pair under every principle, in both orders."""
-    verdicts = checker_verdicts(ca, cb, constitution.names)
+def judge_examples(build_prompt, constitution, prompts, a, b, verdicts):
+    """Training texts and targets for a judge LM: every pair under every principle, in both orders.
+
+    ``build_prompt(principle, prompt, a, b)`` formats the question (e.g. ``ConstitutionJudge.build_prompt``);
+    ``verdicts`` is (K, N): the target P_k(a > b) per principle; the swapped order gets 1 - P.
+    The texts are pair-major: the 2K questions about one pair are consecutive (train with
+    ``group_size=2 * K`` to keep them in one batch).
+    """
+    principles = list(constitution)
+    verdicts = np.asarray(verdicts, dtype=np.float64).reshape(len(principles), len(prompts))
     texts, targets = [], []
-    for k, pr in enumerate(constitution):
-        for x, a, b, v in zip(P, A, B, verdicts[k]):
-            texts.append(judge_builder(pr, x, a, b))
-            targets.append(v)
-            texts.append(judge_builder(pr, x, b, a))
-            targets.append(1.0 - v)
+    for j, (x, ya, yb) in enumerate(zip(prompts, a, b)):
+        for k, pr in enumerate(principles):
+            texts.append(build_prompt(pr, x, ya, yb))
+            targets.append(verdicts[k, j])
+            texts.append(build_prompt(pr, x, yb, ya))
+            targets.append(1.0 - verdicts[k, j])
     return texts, np.array(targets, dtype=np.float32)
 
 
@@ -923,14 +960,28 @@ def _answer_diff(model, ids, mask, answer_ids):
     return logits[:, answer_ids[0]] - logits[:, answer_ids[1]]
 
 
-def _train_judge(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, batch_size, device, seed, progress):
+def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, batch_size, device, seed,
+                   group_size: int = 1, progress=False):
+    """Fine-tune a causal LM to answer judge questions: soft cross-entropy between the target
+    P(answer A) and sigmoid(logit A - logit B) at the last token (right padding, as the judge reads
+    it). AdamW, 5% warm-up, linear decay; returns one dict of metrics per epoch.
+
+    ``group_size``: consecutive examples that are shuffled as one block and so share a batch (the
+    same pair under every principle and order, :func:`judge_examples`): within a batch the only
+    thing that tells the questions of a group apart is the principle text and the option order,
+    so the gradient teaches the model to read exactly those."""
     from .reward_model import pad_right, soft_bt_loss
 
     seqs = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     y = torch.tensor(targets, dtype=torch.float32, device=device)
     pad = tokenizer.pad_token_id
     n = len(seqs)
-    steps = epochs * math.ceil(n / batch_size)
+    group_size = max(1, int(group_size))
+    if n % group_size:
+        raise ValueError(f"{n} examples do not split into groups of {group_size}.")
+    groups_per_batch = max(1, batch_size // group_size)
+    n_groups = n // group_size
+    steps = epochs * math.ceil(n_groups / groups_per_batch)
     warmup = max(1, steps // 20)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -940,10 +991,10 @@ def _train_judge(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, ba
     history = []
     model.train()
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen).tolist()
+        perm = torch.randperm(n_groups, generator=gen).tolist()
         loss_sum = acc_sum = decided = 0.0
-        for s in range(0, n, batch_size):
-            idx = perm[s : s + batch_size]
+        for s in range(0, n_groups, groups_per_batch):
+            idx = [g * group_size + r for g in perm[s : s + groups_per_batch] for r in range(group_size)]
             ids, mask = pad_right([seqs[i] for i in idx], pad, device)
             d = _answer_diff(model, ids, mask, answer_ids)
             p = y[idx]
@@ -1046,8 +1097,9 @@ def build_judge(
     n_pairs: int = 12_000,
     constructed_frac: float = 0.5,
     n_eval_pairs: int = 2_000,
-    epochs: int = 2,
-    lr: float = 3e-4,
+    n_constructed_eval_prompts: int = 200,
+    epochs: int = 3,
+    lr: float = 1e-3,
     batch_size: int = 128,
     n_layers: int | None = 3,
     progress: bool = True,
@@ -1056,7 +1108,10 @@ def build_judge(
 
     ``n_pairs`` pairs (a fraction ``constructed_frac`` drawn from writer summaries / cycle sets /
     SFT samples, the rest SFT-vs-SFT) x every principle x both orders are the training examples.
-    Evaluated on up to ``n_eval_pairs`` held-out SFT pairs.
+    Evaluated on up to ``n_eval_pairs`` held-out SFT pairs (``heldout``: agreement with the
+    checkers, the sampled labels, the gold score) and on :func:`constructed_pairs` of
+    ``n_constructed_eval_prompts`` validation prompts (``constructed``); ``swapped_principles*``:
+    every principle given the next one's text, do the verdicts follow the text?
     """
     from .judge import DEFAULT_ANSWER_TOKENS, DEFAULT_TEMPLATE, ConstitutionJudge, answer_token_ids, as_constitution
 
@@ -1081,9 +1136,9 @@ def build_judge(
 
     rng = random.Random(seed)
     P, A, B, ca, cb = _judge_pairs(data, n_pairs, constructed_frac, rng)
-    texts, targets = _judge_examples(build_prompt, constitution, P, A, B, ca, cb)
-    history = _train_judge(model, tokenizer, texts, targets, answer_ids, epochs=epochs, lr=lr, batch_size=batch_size,
-                           device=device, seed=seed, progress=progress)
+    texts, targets = judge_examples(build_prompt, constitution, P, A, B, checker_verdicts(ca, cb, constitution.names))
+    history = train_judge_lm(model, tokenizer, texts, targets, answer_ids, epochs=epochs, lr=lr, batch_size=batch_size,
+                             device=device, seed=seed, group_size=2 * len(constitution), progress=progress)
     t_train = time.time() - t0
     _round_fp16_(model)
     model.to("cpu")
@@ -1114,7 +1169,11 @@ def build_judge(
         metrics["heldout"] = _judge_metrics(judge, ev_pairs, constitution.names)
         metrics["heldout"]["bayes_ceiling"] = data["bayes_ceiling"]["exact"]
         metrics["swapped_principles"] = _swap_metrics(tmp, device, ev_pairs, constitution, max(batch_size, 64))
-        metrics["train_steps"] = epochs * math.ceil(len(texts) / batch_size)
+        if n_constructed_eval_prompts > 0:
+            cp = constructed_pairs(data.task, "validation", n_constructed_eval_prompts, seed)
+            metrics["constructed"] = _judge_metrics(judge, cp, constitution.names)
+            metrics["swapped_principles_constructed"] = _swap_metrics(tmp, device, cp, constitution, max(batch_size, 64))
+        metrics["train_steps"] = epochs * math.ceil(len(P) / max(1, batch_size // (2 * len(constitution))))
         metrics["seconds_train"] = round(t_train, 1)
         metrics["seconds"] = round(time.time() - t0, 1)
         (tmp / "build_metrics.json").write_text(_json(metrics))
@@ -1122,7 +1181,7 @@ def build_judge(
     hm = metrics["heldout"]
     _log(progress, "judge: checker agreement " + ", ".join(f"{n} {hm[f'checker_agreement/{n}']:.3f}" for n in constitution.names)
          + f"; labeler agreement {hm['labeler_agreement/all']:.3f}; swapped texts followed "
-           f"{metrics['swapped_principles']['follows_text']:.3f} ({metrics['seconds']}s)")
+           f"{metrics.get('swapped_principles_constructed', metrics['swapped_principles'])['follows_text']:.3f} ({metrics['seconds']}s)")
     return metrics
 
 
@@ -1138,36 +1197,51 @@ def build_all_feedback(
     n_train_prompts: int = 20_000,
     n_heldout_prompts: int = 2_000,
     samples_per_prompt: int = 4,
-    gen_batch_size: int = 512,
+    gen_batch_size: int = 2048,
     rm_epochs: int = 2,
     pm_epochs: int = 2,
     judge_pairs: int = 12_000,
-    judge_epochs: int = 2,
-    batch_size: int = 64,
+    judge_epochs: int = 3,
+    batch_size: int = 128,
     judge_batch_size: int = 128,
     n_layers: int | None = 3,
     cycle_prompts: int = 200,
     data_dir=None,
+    data: PreferenceData | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every step (preference data, reward, reward_fact, preference, judge) into ``root`` and
-    write ``root/"feedback_metrics.json"`` (atomic). Returns the metrics.
+    """Run every step (preference data, reward, reward_fact, preference, judge, the cycle
+    measurement) into ``root`` and write ``root/"feedback_metrics.json"`` (atomic). Returns the metrics.
 
+    ``overrides`` passes extra keyword arguments to single steps, keyed ``"preference_data"``,
+    ``"reward"``, ``"reward_fact"``, ``"preference"``, ``"judge"`` (e.g. ``{"judge": {"lr": 1e-3}}``).
+    ``data``: preference data from an earlier :func:`build_preference_data` (skips that step).
     The caller then rewrites the manifest (``assets.write_manifest``) so the new files are listed.
     """
     t0 = time.time()
     root = _root(root)
-    common = dict(progress=progress)
-    data = build_preference_data(root, device, seed, n_train_prompts=n_train_prompts, n_heldout_prompts=n_heldout_prompts,
-                                 samples_per_prompt=samples_per_prompt, gen_batch_size=gen_batch_size, data_dir=data_dir, **common)
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {"preference_data", "reward", "reward_fact", "preference", "judge"}
+    if unknown:
+        raise ValueError(f"unknown override keys {sorted(unknown)}; use preference_data, reward, reward_fact, preference, judge.")
+
+    def kw(step: str, **defaults):
+        return {**defaults, "progress": progress, **overrides.get(step, {})}
+
+    if data is None:
+        data = build_preference_data(root, device, seed, **kw(
+            "preference_data", n_train_prompts=n_train_prompts, n_heldout_prompts=n_heldout_prompts,
+            samples_per_prompt=samples_per_prompt, gen_batch_size=gen_batch_size, data_dir=data_dir))
+    elif not isinstance(data, PreferenceData):
+        raise TypeError(f"data must be what build_preference_data returned, got {type(data).__name__}.")
     metrics: dict[str, Any] = {"seed": seed, "device": str(device), "preference_data": data.metrics}
-    metrics["reward"] = build_reward_model(root, device, seed, data=data, epochs=rm_epochs, batch_size=batch_size, n_layers=n_layers, **common)
-    metrics["reward_fact"] = build_fact_reward_model(root, device, seed, data=data, epochs=rm_epochs, batch_size=batch_size,
-                                                     n_layers=n_layers, **common)
-    metrics["preference"] = build_preference_model(root, device, seed, data=data, epochs=pm_epochs, batch_size=batch_size,
-                                                   n_layers=n_layers, **common)
-    metrics["judge"] = build_judge(root, device, seed, data=data, n_pairs=judge_pairs, epochs=judge_epochs,
-                                   batch_size=judge_batch_size, n_layers=n_layers, **common)
+    model_kw = dict(data=data, batch_size=batch_size, n_layers=n_layers)
+    metrics["reward"] = build_reward_model(root, device, seed, **kw("reward", epochs=rm_epochs, **model_kw))
+    metrics["reward_fact"] = build_fact_reward_model(root, device, seed, **kw("reward_fact", epochs=rm_epochs, **model_kw))
+    metrics["preference"] = build_preference_model(root, device, seed, **kw("preference", epochs=pm_epochs, **model_kw))
+    metrics["judge"] = build_judge(root, device, seed, **kw(
+        "judge", data=data, n_pairs=judge_pairs, epochs=judge_epochs, batch_size=judge_batch_size, n_layers=n_layers))
     metrics["preference_cycle"] = measure_preference_cycle(cycle_prompts, seed=seed)
     size = asset_bytes(root)
     metrics["asset_bytes"] = size

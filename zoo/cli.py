@@ -210,11 +210,45 @@ def _bench(args: argparse.Namespace) -> Any:
     return args.bench(args)
 
 
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+def _hp_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--hp takes key=value, got {text!r}")
+    import yaml
+
+    return key, yaml.safe_load(value)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("algo", help="agent name, e.g. ppo, rloo, dpo (rlhfgym.agents.registered() lists them)")
+    p.add_argument("env_id", help="environment id, e.g. RLHF-Summarize-v0")
+    p.add_argument("--budget", type=positive_int, default=None, help="completions to spend (default: from the YAML)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed (default: 0)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--run-dir", default=None, help="where checkpoints, logs and results go (default: runs/ALGO/ENV/seedK)")
+    p.add_argument("--eval-n", type=positive_int, default=200, help="test prompts to evaluate on (default: 200)")
+    p.add_argument("--hp", type=_hp_override, action="append", default=[], metavar="KEY=VALUE",
+                   help="override a hyperparameter of the YAML (repeatable)")
+
+
+def _train(args: argparse.Namespace) -> Any:
+    check_env_id(args.env_id)
+    train = load_impl("rlhfgym.zoo.train", "train")
+    return train(args.algo, args.env_id, budget=args.budget, seed=args.seed, device=args.device,
+                 run_dir=args.run_dir, eval_n=args.eval_n, overrides=dict(args.hp))
+
+
 COMMANDS: list[Command] = [
     Command("play", "sample completions in an environment and show their rewards", _play_args, _play),
     Command("build-assets", "rebuild the frozen assets (tokenizer, SFT policy, reward model)", _build_assets_args, _build_assets),
     Command("bench", "measure throughput", _bench_args, _bench),
-    # later: Command("train", ...), Command("leaderboard", ...), Command("plot", ...)
+    Command("train", "train one agent on one env and evaluate it against SFT", _train_args, _train),
+    # later: Command("leaderboard", ...), Command("plot", ...)
 ]
 
 

@@ -1,0 +1,117 @@
+"""``rlhf-zoo train ALGO ENV_ID``: one run of one agent, evaluated like every other.
+
+Hyperparameters come from ``zoo/hyperparams/<algo>.yml`` (the env id's entry over ``default``;
+``--hp key=value`` overrides for experiments). A run writes into ``runs/<algo>/<env_id>/seed<k>/``:
+``agent/`` (checkpoints; a killed run resumes from the last one), ``tb/`` (TensorBoard),
+``results.json`` and ``results.md``.
+
+Evaluation (:func:`evaluate_policy`) samples one completion per test prompt at temperature 1 and
+reports the mean gold score, the mean reward-model score and the mean sequence KL to the
+reference, ``KL = E_y~pi[ log pi(y|x) − log pi_ref(y|x) ]`` (a Monte-Carlo estimate, summed over
+tokens). Any agent with a ``policy`` (a :class:`~rlhfgym.agents.policy.CausalLMPolicy`) and a
+``generate`` method is evaluated the same way; custom agents included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+HYPERPARAMS = Path(__file__).resolve().parent / "hyperparams"
+
+
+def load_hyperparams(algo: str, env_id: str) -> dict[str, Any]:
+    """``default`` updated by the env id's entry of ``hyperparams/<algo>.yml`` (empty when absent)."""
+    path = HYPERPARAMS / f"{algo}.yml"
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must map env ids (and 'default') to hyperparameter dicts.")
+    merged: dict[str, Any] = {}
+    for key in ("default", env_id):
+        entry = data.get(key) or {}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: entry {key!r} must be a mapping of hyperparameter names to values.")
+        merged.update(entry)
+    return merged
+
+
+@torch.no_grad()
+def evaluate_policy(env, policy, n: int = 200, split: str = "test", batch_size: int = 100, seed: int = 0) -> dict:
+    """Mean gold, RM score and sequence KL(π‖π_ref) of ``policy``'s samples on ``n`` prompts of ``split``."""
+    core = env.unwrapped
+    torch.manual_seed(seed)
+    prompts = core.prompts(split, n)
+    gold, rm, kl = [], [], []
+    ref = core.reference_model
+    for s in range(0, n, batch_size):
+        ps = prompts[s:s + batch_size]
+        roll = policy.sample(ps, temperature=1.0)
+        ref_lp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
+        kl.extend((roll.logprobs - ref_lp).sum(-1).tolist())
+        rm.extend(core.score(ps, roll.texts).tolist())
+        gold.extend(core.gold(ps, roll.texts))
+    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    return {"gold": mean(gold), "rm": mean(rm), "kl": mean(kl), "n": n, "split": split}
+
+
+def train(algo: str, env_id: str, budget: int | None = None, seed: int = 0, device: str = "cpu",
+          run_dir: str | None = None, eval_n: int = 200, overrides: dict[str, Any] | None = None) -> dict:
+    import gymnasium as gym
+
+    import rlhfgym.envs  # noqa: F401
+    from rlhfgym.agents import make
+    from rlhfgym.agents.policy import CausalLMPolicy
+
+    hp = load_hyperparams(algo, env_id)
+    hp.update(overrides or {})
+    env_kwargs = hp.pop("env_kwargs", {}) or {}
+    budget = int(budget or hp.pop("budget", 2000))
+    hp.pop("budget", None)
+    out = Path(run_dir or f"runs/{algo}/{env_id}/seed{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    env = gym.make(env_id, device=device, **env_kwargs)
+    agent = make(algo, device=device, seed=seed, **hp)
+    t0 = time.time()
+    agent.learn(env, budget, **_learn_kwargs(agent, out))
+    train_s = time.time() - t0
+    policy = agent.policy if getattr(agent, "policy", None) is not None else CausalLMPolicy.from_env(env)
+    sft = evaluate_policy(env, CausalLMPolicy.from_env(env), n=eval_n, seed=seed)
+    result = {"algo": algo, "env_id": env_id, "seed": seed, "budget": budget, "device": device,
+              "train_seconds": round(train_s, 1), "date": str(date.today()), "hyperparams": hp,
+              "policy": evaluate_policy(env, policy, n=eval_n, seed=seed), "sft": sft}
+    from rlhfgym.envs.assets import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "results.md", results_markdown([result]))
+    print(results_markdown([result]))
+    return result
+
+
+def _learn_kwargs(agent, out: Path) -> dict:
+    """Checkpointing and logging arguments, for agents whose ``learn`` accepts them."""
+    import inspect
+
+    params = inspect.signature(agent.learn).parameters
+    kw = {}
+    if "checkpoint_dir" in params:
+        kw["checkpoint_dir"] = str(out / "agent")
+    if "log_dir" in params:
+        kw["log_dir"] = str(out / "tb")
+    return kw
+
+
+def results_markdown(results: list[dict]) -> str:
+    lines = ["| algo | env | budget | gold | RM | KL | SFT gold | SFT RM | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p, s = r["policy"], r["sft"]
+        lines.append(f"| {r['algo']} | {r['env_id']} | {r['budget']} | {p['gold']:.3f} | {p['rm']:.3f} | {p['kl']:.2f} | "
+                     f"{s['gold']:.3f} | {s['rm']:.3f} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
