@@ -72,6 +72,12 @@ class BestOfN(Agent):
         return self
 
     @torch.no_grad()
+    def kl_to_reference(self) -> float:
+        """KL(best-of-n || pi) upper bound log n - (n-1)/n (Gao et al. 2022), in nats."""
+        import math
+
+        return math.log(self.n) - (self.n - 1) / self.n
+
     def generate(self, prompts: Sequence[str], *, temperature: float | None = None,
                  max_new_tokens: int | None = None) -> list[str]:
         """For each prompt, the best of ``n`` sampled completions by the reward model."""

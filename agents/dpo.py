@@ -383,7 +383,7 @@ class DPO(TrainingAgent):
     name = "dpo"
 
     def __init__(self, policy=None, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 learning_rate: float = 1e-4, batch_size: int = 16, epochs: int = 1, max_grad_norm: float = 1.0,
+                 learning_rate: float = 5e-5, batch_size: int = 16, epochs: int = 1, max_grad_norm: float = 1.0,
                  online: bool = False, pairs_per_round: int = 64, temperature: float = 1.0,
                  labelers: str = "gold", labeler_temperature: float | None = None,
                  labeler_flip_prob: float | None = None, soft_labels: bool = False, dataset: str | None = None,

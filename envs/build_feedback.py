@@ -515,6 +515,7 @@ def build_preference_data(
         "n_heldout_pairs": len(heldout),
         "identical_pairs_dropped": drop_tr + drop_va,
         "heldout_gold_by_temperature": gold_by_t,
+        "sft_sample_temperature": slots[t1_slot],  # the samples that set the reward offset and the correlations
         "train_label_a_rate": float(train.label.mean()) if len(train) else float("nan"),
         "heldout_tie_rate": float(np.mean(np.abs(heldout.p_pop - 0.5) < 1e-12)) if len(heldout) else float("nan"),
         "bayes_ceiling": {"exact": ceiling.exact, "exact_known_labeler": ceiling.exact_known_labeler,

@@ -228,6 +228,14 @@ class TokenMDPCore:
         """The task's gold scores of (prompt, completion) pairs."""
         return self.task.gold(prompts, completions)
 
+    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
+        """P(a ≻ b | prompt), shape ``(B,)``: the reward model's own pairwise oracle when it has one
+        (a preference model, a judge, a labeler population), else Bradley-Terry over its scores,
+        ``σ(score(a) − score(b))``. Nash-learning agents query this."""
+        if hasattr(self.reward_model, "prefer"):
+            return self.reward_model.prefer(prompts, a, b)
+        return torch.sigmoid(self.score(prompts, a) - self.score(prompts, b))
+
     # ------------------------------------------------------------ reset
     def reset(
         self, seed: int | Sequence[int | None] | None = None, options: dict | None = None

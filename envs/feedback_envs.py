@@ -216,7 +216,16 @@ class BTReward:
         return self._pm
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]):
-        return self.preference_model.prefer(prompts, a, b)
+        """The preference model's P(a > b); Bradley-Terry over this RM, σ(r(a) − r(b)), while that asset is not built."""
+        import torch
+
+        from .assets import AssetError
+
+        try:
+            pm = self.preference_model
+        except AssetError:
+            return torch.sigmoid(self.score(prompts, a) - self.score(prompts, b))
+        return pm.prefer(prompts, a, b)
 
     def __repr__(self) -> str:
         return f"BTReward({self.name!r})"

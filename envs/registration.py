@@ -27,9 +27,11 @@ __all__ = [
 
 #: registered env id -> kwargs baked into its spec
 ENV_IDS: dict[str, dict[str, Any]] = {
-    # TODO(lead): switch to the learned reward model once envs/assets ships `reward/`.
+    # The gold scorer until the learned Bradley-Terry RM meets its target (>= 90% of the labelers'
+    # Bayes ceiling); then "learned", once, as the foundation issue allows.
     "RLHF-Summarize-v0": {"reward_model": "gold"},
-    "RLHF-Summarize-Gold-v0": {"reward_model": "gold"},
+    "RLHF-Summarize-Gold-v0": {"reward_model": "gold"},  # the gold scorer itself
+    "RLHF-Intransitive-v0": {"reward_model": "intransitive"},  # a labeler population whose preferences cycle
 }
 
 #: named reward models: name -> factory(task, tokenizer, device) -> RewardModel. Extend this to
@@ -44,6 +46,15 @@ def _gold_reward(task, tokenizer, device):
 
 
 REWARD_MODELS["gold"] = _gold_reward
+
+
+def _register_feedback():
+    from .feedback_envs import register_feedback_reward_models
+
+    register_feedback_reward_models()  # "learned", "fact", "judge", "intransitive"
+
+
+_register_feedback()
 
 # Default prompt budget for the micro news world: its prompts have at most ~80 word tokens.
 DEFAULT_MAX_PROMPT_TOKENS = 96

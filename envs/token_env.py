@@ -168,3 +168,7 @@ class TokenMDPEnv(gym.Env):
     def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         """Gold scores of (prompt, completion) pairs from the task."""
         return self.core.gold(prompts, completions)
+
+    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
+        """P(a ≻ b | prompt) from the env's feedback (see :meth:`~.core.TokenMDPCore.prefer`)."""
+        return self.core.prefer(prompts, a, b)

@@ -198,3 +198,7 @@ class TokenMDPVectorEnv(VectorEnv):
 
     def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         return self.core.gold(prompts, completions)
+
+    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
+        """P(a ≻ b | prompt) from the env's feedback (see :meth:`~.core.TokenMDPCore.prefer`)."""
+        return self.core.prefer(prompts, a, b)

