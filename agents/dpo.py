@@ -118,20 +118,6 @@ def trim(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return tokens[:, :t], mask[:, :t]
 
 
-def encode_completions(policy, completions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion texts -> (B, T) token ids ending in EOS (as the SFT data and the env end them),
-    cut to the policy's ``max_new_tokens``, right-padded, and their mask."""
-    ids = policy.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    ids = [(row + [policy.eos_id])[: policy.max_new_tokens] for row in ids]
-    t = max(map(len, ids))
-    tokens = torch.full((len(ids), t), policy.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), t, dtype=torch.long)
-    for i, row in enumerate(ids):
-        tokens[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return tokens, mask
-
-
 def sequence_logps(policy, prompt_ids, tokens, mask, *, model=None) -> torch.Tensor:
     """sum_t log pi(y_t | x, y_<t) for each row, (B,) (gradients flow unless the caller disables them)."""
     tokens, mask = trim(tokens, mask)
@@ -330,8 +316,8 @@ class Pairs:
     @classmethod
     def from_dataset(cls, policy, ds) -> "Pairs":
         """Tokenise a preference dataset (prompts as the env encodes them, completions + EOS)."""
-        chosen, chosen_mask = encode_completions(policy, ds["chosen"])
-        rejected, rejected_mask = encode_completions(policy, ds["rejected"])
+        chosen, chosen_mask = policy.encode_completions(ds["chosen"])
+        rejected, rejected_mask = policy.encode_completions(ds["rejected"])
         return cls(policy.encode_prompts(list(ds["prompt"])), chosen, chosen_mask, rejected, rejected_mask,
                    torch.tensor(ds["label_prob"], dtype=torch.float32))
 
@@ -725,7 +711,7 @@ class KTO(DPO):
             if n < 1:
                 raise AgentError(f"{self.name}: a budget of {n_budget} more completions cannot buy one example; raise it.")
             ds = ds.select(range(n))
-            tokens, mask = encode_completions(self.policy, ds["completion"])
+            tokens, mask = self.policy.encode_completions(ds["completion"])
             data = Unpaired(self.policy.encode_prompts(list(ds["prompt"])), tokens, mask,
                             torch.tensor([bool(x) for x in ds["label"]]))
             data.ref = batched_logps(self.policy, data.prompt_ids, data.tokens, data.mask, model=ref)

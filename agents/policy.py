@@ -139,6 +139,19 @@ class CausalLMPolicy(nn.Module):
         ids = self.tokenizer(list(prompts))["input_ids"]
         return [row[-self.max_prompt_tokens:] for row in ids]
 
+    def encode_completions(self, completions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completion texts -> ``(B, T)`` token ids ending in EOS (as the env ends episodes), cut to
+        ``max_new_tokens``, right-padded, and their mask (on the policy's device)."""
+        ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        ids = [(row + [self.eos_id])[: self.max_new_tokens] for row in ids]
+        t = max(map(len, ids))
+        tokens = torch.full((len(ids), t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(ids), t, dtype=torch.long)
+        for i, row in enumerate(ids):
+            tokens[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return tokens.to(self.device), mask.to(self.device)
+
     # ------------------------------------------------------------------ sampling (no gradients)
     @torch.no_grad()
     def sample(self, prompts: list[str], *, temperature: float = 1.0, max_new_tokens: int | None = None,

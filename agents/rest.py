@@ -40,7 +40,6 @@ from .base import AgentError, TrainingRun
 from .dpo import (
     TrainingAgent,
     check_range,
-    encode_completions,
     seed_everything,
     sub_seed,
     trim,
@@ -215,7 +214,7 @@ class ReST(TrainingAgent):
                 data = st["data"]
                 rewards = np.asarray(data["rewards"], dtype=np.float64)
                 normalised = self._normalise(core, rewards)
-                tokens, mask = encode_completions(self.policy, data["completions"])
+                tokens, mask = self.policy.encode_completions(data["completions"])
                 tensors = (self.policy.encode_prompts(data["prompts"]), tokens, mask)
                 # ---------------- Improve: filter with rising thresholds, BC from the previous policy
                 while st["improve"] < len(cfg["thresholds"]) and not run.stopped:

@@ -92,17 +92,9 @@ class SFT(Agent):
 
     def encode(self, pairs: Sequence[tuple[str, str]]):
         """``(prompt_ids, tokens, mask)`` of pairs: completion ids + EOS, cut at ``max_new_tokens``, right-padded."""
-        policy = self.policy
-        prompt_ids = policy.encode_prompts([p for p, _ in pairs])
-        comp = policy.tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
-        rows = [(c + [policy.eos_id])[: policy.max_new_tokens] for c in comp]
-        t = max(map(len, rows))
-        tokens = torch.full((len(rows), t), policy.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), t, dtype=torch.long)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        return prompt_ids, tokens.to(policy.device), mask.to(policy.device)
+        prompt_ids = self.policy.encode_prompts([p for p, _ in pairs])
+        tokens, mask = self.policy.encode_completions([c for _, c in pairs])
+        return prompt_ids, tokens, mask
 
     @torch.no_grad()
     def nll(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> float:
