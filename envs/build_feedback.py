@@ -316,7 +316,7 @@ def truncated_backbone(sft_dir, n_layers: int | None):
     config.num_hidden_layers = n_layers
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:n_layers]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config).float()
 
     def keep(name: str) -> bool:
         parts = name.split(".")

@@ -232,10 +232,8 @@ def test_judge_reward_against_a_reference(tiny, task):
     # the judge asks both orders, so prefer(a, b) = 1 - prefer(b, a) exactly
     p, q = reward.prefer(h.prompts[:6], h.a[:6], h.b[:6]), reward.prefer(h.prompts[:6], h.b[:6], h.a[:6])
     assert torch.allclose(p + q, torch.ones(6), atol=1e-5)
-    # the writer reference is the writer's summary of the parsed article
-    expert = [task.reference("validation", i, "expert") for i in range(6)]
-    golds = task.gold(h.prompts[:6], refs)
-    assert min(golds) > 0.95 and len(expert) == 6
+    # the "expert" reference is the expert writer's summary of the parsed article: every key fact
+    assert min(task.gold(h.prompts[:6], refs)) > 0.95
 
 
 def _marker_judge_data(n: int, seed: int):
