@@ -297,11 +297,19 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _quiet_model_loading() -> None:
+    """transformers draws a "Loading weights" bar for every model it loads; our commands show their own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``rlhf-zoo``; returns the exit status (0 ok, 2 usage or user error, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _quiet_model_loading()
         args.run(args)
     except KeyboardInterrupt:
         if args.debug:
