@@ -340,14 +340,17 @@ def _round_fp16_(model) -> None:
             p.copy_(p.half().float())
 
 
-def _store_fp16(model_dir: Path, model) -> None:
-    """Re-save ``model`` into ``model_dir`` as float16 safetensors whose config says float32."""
+def _store_fp16(model_dir: Path, model, save=None) -> None:
+    """Save ``model`` into ``model_dir`` as float16 safetensors whose config says float32.
+
+    ``save(model_dir)`` writes the files (default ``model.save_pretrained``; a reward or preference
+    model passes its own ``save``, which adds the tokenizer and its config)."""
     model.half()
     try:
-        model.save_pretrained(model_dir)
+        (save or model.save_pretrained)(model_dir)
     finally:
         model.float()
-    cfg_path = model_dir / "config.json"
+    cfg_path = Path(model_dir) / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["dtype"] = "float32"  # from_pretrained upcasts the float16 weights on load
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -603,7 +606,7 @@ def build_reward_model(
         "heldout_accuracy": ev["accuracy"],
         "bayes_ceiling": data["bayes_ceiling"]["exact"],
         "accuracy_over_ceiling": _ceiling_ratio(ev["accuracy"], data),
-        "heldout_majority_agreement": _majority_agreement(rm, data.heldout),
+        "heldout_majority_agreement": _majority_agreement(_rm_prefers_a(rm, data.heldout), data.heldout),
         "heldout_gold_pair_accuracy": ev["gold_pair_accuracy"],
         "heldout_loss": ev["loss"],
         "sft_t1_pearson": pearson(r, g),
@@ -617,12 +620,7 @@ def build_reward_model(
     }
     name = REWARD_FACT_DIR if facts else "reward"
     with atomic_save_dir(root / name) as tmp:
-        rm.model.half()
-        try:
-            rm.save(tmp)
-        finally:
-            rm.model.float()
-        _patch_dtype(tmp)
+        _store_fp16(tmp, rm.model, save=rm.save)
         metrics["seconds"] = round(time.time() - t0, 1)
         (tmp / "build_metrics.json").write_text(_json(metrics))
         _make_readable(tmp)
@@ -631,21 +629,18 @@ def build_reward_model(
     return metrics
 
 
-def _patch_dtype(model_dir: Path) -> None:
-    cfg_path = Path(model_dir) / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["dtype"] = "float32"  # float16 weights on disk, loaded back as float32
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _majority_agreement(rm, pairs: PairSet) -> float:
-    """How often r(a) > r(b) agrees with the population's majority (p_pop > 1/2), ties skipped."""
+def _majority_agreement(a_wins: np.ndarray, pairs: PairSet) -> float:
+    """How often a model's verdict ``a_wins`` (a > b) agrees with the population's majority (p_pop > 1/2), ties skipped."""
     decided = np.abs(pairs.p_pop - 0.5) > 1e-12
     if not decided.any():
         return float("nan")
+    return float((a_wins == (pairs.p_pop > 0.5))[decided].mean())
+
+
+def _rm_prefers_a(rm, pairs: PairSet) -> np.ndarray:
     ra = rm.score(pairs.prompts, pairs.a).double().cpu().numpy()
     rb = rm.score(pairs.prompts, pairs.b).double().cpu().numpy()
-    return float(((ra > rb) == (pairs.p_pop > 0.5))[decided].mean())
+    return ra > rb
 
 
 def build_fact_reward_model(root=None, device: str = "cpu", seed: int = 0, **kwargs) -> dict[str, Any]:
@@ -689,7 +684,6 @@ def build_preference_model(
     ev = evaluate_preference_model(pm, heldout)
     h = data.heldout
     p = pm.prefer(h.prompts, h.a, h.b).double().cpu().numpy()
-    decided = np.abs(h.p_pop - 0.5) > 1e-12
     metrics = {
         "n_layers": pm.model.config.num_hidden_layers,
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "soft_labels": soft_labels,
@@ -697,7 +691,7 @@ def build_preference_model(
         "heldout_accuracy": ev["accuracy"],
         "bayes_ceiling": data["bayes_ceiling"]["exact"],
         "accuracy_over_ceiling": _ceiling_ratio(ev["accuracy"], data),
-        "heldout_majority_agreement": float(((p > 0.5) == (h.p_pop > 0.5))[decided].mean()) if decided.any() else float("nan"),
+        "heldout_majority_agreement": _majority_agreement(p > 0.5, h),
         "heldout_prob_mae": float(np.mean(np.abs(p - h.p_pop))) if len(h) else float("nan"),
         "heldout_loss": ev["loss"],
         "history": pm.history,
@@ -705,12 +699,7 @@ def build_preference_model(
         "seconds_train": round(t_train, 1),
     }
     with atomic_save_dir(root / "preference") as tmp:
-        pm.model.half()
-        try:
-            pm.save(tmp)
-        finally:
-            pm.model.float()
-        _patch_dtype(tmp)
+        _store_fp16(tmp, pm.model, save=pm.save)
         metrics["seconds"] = round(time.time() - t0, 1)
         (tmp / "build_metrics.json").write_text(_json(metrics))
         _make_readable(tmp)
