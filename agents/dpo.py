@@ -104,6 +104,13 @@ def sub_seed(seed: int, *keys: int) -> int:
     return int(np.random.SeedSequence([int(seed) % 2**32, *[int(k) % 2**32 for k in keys]]).generate_state(1)[0])
 
 
+def train_prompts(core, n: int, seed: int) -> list[str]:
+    """``n`` training prompts drawn (without replacement when the split is large enough) with ``seed``."""
+    size = core.task.split_size("train")
+    rng = np.random.default_rng(seed)
+    return [core.task.prompt("train", int(i)) for i in rng.choice(size, n, replace=size < n)]
+
+
 def pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
     """Stack two (B, T) tensors along the batch after right-padding to the same T."""
     t = max(a.shape[1], b.shape[1])
@@ -538,11 +545,9 @@ class DPO(TrainingAgent):
     # -- online: fresh pairs from the current policy each round (one run.update per round)
     def _learn_online(self, run, core, ref, judge):
         cfg, st = self.config, self.trainer_state
-        size = core.task.split_size("train")
         while run.remaining >= 2 and not run.stopped:
             n = min(cfg["pairs_per_round"], run.remaining // 2)
-            rng = np.random.default_rng(sub_seed(self.seed, 2, st["round"]))
-            prompts = [core.task.prompt("train", int(i)) for i in rng.choice(size, n, replace=size < n)]
+            prompts = train_prompts(core, n, sub_seed(self.seed, 2, st["round"]))
             torch.manual_seed(sub_seed(self.seed, 3, st["round"]))
             # two completions per prompt from the current policy, labelled by the labelers / judge
             a = self.policy.sample(prompts, temperature=cfg["temperature"])

@@ -60,6 +60,7 @@ from .dpo import (
     reference_policy,
     seed_everything,
     sub_seed,
+    train_prompts,
     trim,
 )
 
@@ -240,11 +241,9 @@ class NashMD(TrainingAgent):
             self._opp = None
             self._make_optimizer(cfg["learning_rate"])
             mixture = self._mixture(ref)
-            size = core.task.split_size("train")
             while run.remaining >= 2 and not run.stopped:
                 n = min(cfg["batch_size"], run.remaining // 2)
-                rng = np.random.default_rng(sub_seed(self.seed, 22, st["step"]))
-                prompts = [core.task.prompt("train", int(i)) for i in rng.choice(size, n, replace=size < n)]
+                prompts = train_prompts(core, n, sub_seed(self.seed, 22, st["step"]))
                 torch.manual_seed(sub_seed(self.seed, 23, st["step"]))
                 # y ~ pi,  y' ~ pi^mu  (the opponent mixed per token with pi_ref)
                 y = self.policy.sample(prompts, temperature=cfg["temperature"])
