@@ -16,7 +16,7 @@ Layout of one version::
       manifest.json        written last by write_manifest(); lists every other file
       tokenizer/           PreTrainedTokenizerFast files
       sft/                 causal LM in save_pretrained format (pi_ref)
-      reward/ judge/ preference/   later components; may be absent
+      reward/ reward_fact/ preference/ judge/   feedback models (build_feedback.py); may be absent
 
 Writes are atomic (temp file or temp dir in the same directory, then rename), so an interrupted
 build leaves either the old asset or the new one, never half of each.
@@ -71,7 +71,7 @@ MANIFEST_NAME = "manifest.json"
 #: bump when the manifest's layout changes; readers refuse other formats
 MANIFEST_FORMAT = 1
 #: the sub-directories an asset version may hold
-COMPONENTS = ("tokenizer", "sft", "reward", "judge", "preference")
+COMPONENTS = ("tokenizer", "sft", "reward", "reward_fact", "preference", "judge")
 
 _CHUNK = 1 << 20
 

@@ -6,7 +6,8 @@ trained on articles, then fine-tuned on article -> reference summary with the lo
 tokens down-weighted (x0.1): the summary tokens carry the signal, the article tokens keep it a
 language model of the world.
 
-Later components (reward model, judge, preference model) add their own ``build_*`` steps here.
+The feedback models (reward, reward_fact, preference, judge) are built by
+:mod:`.build_feedback`; ``build_assets(only="reward,...")`` runs them and keeps the manifest whole.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -211,21 +213,40 @@ def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int
     }
 
 
+ASSET_PARTS = ("tokenizer", "sft", "reward", "reward_fact", "preference", "judge")
+#: ``build_assets(feedback=...)`` keys: the preference data's scale (see build_feedback.build_preference_data)
+FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "heldout-prompts", "gen_batch_size": "gen-batch-size"}
+FEEDBACK_SCALE_KEYS = tuple(FEEDBACK_SCALE_FLAGS)
+
+
 def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 0, device: str = "cpu",
                  only: str | None = None, sft_config: SFTConfig | None = None, progress: bool = True,
-                 eval_articles: int = 200) -> Path:
-    """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir)."""
-    from .assets import asset_dir, atomic_save_dir, write_manifest
+                 eval_articles: int = 200, feedback: dict | None = None) -> Path:
+    """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir).
+
+    ``only``: comma-separated parts of :data:`ASSET_PARTS` (``"feedback"`` = the four feedback
+    models); default ``"tokenizer,sft"``. Feedback parts need the tokenizer and SFT policy in place
+    and sample their preference data from it; ``feedback`` sets that data's scale (keys
+    :data:`FEEDBACK_SCALE_KEYS`, e.g. ``{"n_train_prompts": 8000}``). The manifest is rewritten
+    last; it keeps the build record (command, machine, date) of the parts not rebuilt.
+    """
+    from .assets import _device_string, asset_dir, atomic_save_dir, write_manifest
 
     if version != "micro-v0":
         raise ValueError(f"unknown asset version {version!r}; this release builds 'micro-v0'.")
     target = Path(out) if out else asset_dir(version, must_exist=False)
-    parts = set((only or "tokenizer,sft").split(","))
-    unknown = parts - {"tokenizer", "sft"}
-    if unknown:
-        raise ValueError(f"unknown asset parts {sorted(unknown)}; choose from tokenizer, sft.")
+    names = [n.strip() for n in (only or "tokenizer,sft").split(",") if n.strip()]
+    parts = {q for n in names for q in (ASSET_PARTS[2:] if n == "feedback" else (n,))}
+    unknown = parts - set(ASSET_PARTS)
+    if unknown or not parts:
+        raise ValueError(f"unknown asset parts {sorted(unknown)}; choose from {', '.join(ASSET_PARTS)} or feedback.")
+    feedback = dict(feedback or {})
+    bad = set(feedback) - set(FEEDBACK_SCALE_KEYS)
+    if bad:
+        raise ValueError(f"unknown feedback scale keys {sorted(bad)}; use {', '.join(FEEDBACK_SCALE_KEYS)}.")
     task = NewsTask(seed=0)
     cfg = sft_config or SFTConfig(seed=seed)
+    old = _previous_manifest(target)
     t0 = time.time()
     target.mkdir(parents=True, exist_ok=True)
     if "tokenizer" in parts:
@@ -234,15 +255,53 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(target / "tokenizer")
-    metrics = {}
+    extra = {k: old[k] for k in ("sft_config", "metrics", "feedback_metrics") if k in old}
     if "sft" in parts:
         model = train_sft(task, tokenizer, cfg, device=device, progress=progress)
         metrics = evaluate_policy(model, tokenizer, task, n=eval_articles)
         with atomic_save_dir(target / "sft") as tmp:
             model.to("cpu").save_pretrained(tmp)
             (Path(tmp) / "build_metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_manifest(
-        target, command=f"rlhf-zoo build-assets --version {version} --seed {seed} --device {device}", seed=seed,
-        extra={"sft_config": asdict(cfg), "build_seconds": round(time.time() - t0, 1), "metrics": {k: v for k, v in metrics.items() if k != "examples"}},
-    )
+        extra["sft_config"] = asdict(cfg)
+        extra["metrics"] = {k: v for k, v in metrics.items() if k != "examples"}
+        stale = [q for q in ASSET_PARTS[2:] if (target / q).is_dir() and q not in parts]
+        if stale:
+            import warnings
+
+            warnings.warn(f"{', '.join(stale)} in {target} were built on the previous SFT policy; rebuild them "
+                          f"(--only {','.join(stale)}) so that they judge what the new policy writes.", stacklevel=2)
+    steps = [q for q in ASSET_PARTS[2:] if q in parts]
+    if steps:
+        from .build_feedback import build_all_feedback, headline_metrics
+
+        fb = build_all_feedback(target, device, seed, steps=steps, progress=progress, **feedback)
+        extra["feedback_metrics"] = headline_metrics(fb)
+    command = f"rlhf-zoo build-assets --version {version} --seed {seed} --device {device} --only {','.join(names)}"
+    if steps:
+        command += "".join(f" --{FEEDBACK_SCALE_FLAGS[k]} {v}" for k, v in sorted(feedback.items()))
+    record = {"command": command, "seed": seed, "built_on": _device_string(),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(time.time() - t0, 1)}
+    extra["parts"] = {**_part_records(old), **{q: record for q in sorted(parts)}}
+    extra["build_seconds"] = record["seconds"]
+    write_manifest(target, command=command, seed=seed, extra=extra)
     return target
+
+
+def _previous_manifest(target: Path) -> dict:
+    """The manifest already in ``target`` (its build records are kept), or {} if there is none to read."""
+    try:
+        return json.loads((target / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _part_records(old: dict) -> dict:
+    """Per-part build records of an earlier manifest; one from before per-part records lists its
+    command for the parts it built (tokenizer and sft)."""
+    if "parts" in old:
+        return dict(old["parts"])
+    if "command" not in old:
+        return {}
+    record = {k: old.get(k) for k in ("command", "seed", "built_on", "created")}
+    record["seconds"] = old.get("build_seconds")
+    return {q: record for q in ("tokenizer", "sft") if q in {f.split("/", 1)[0] for f in old.get("files", {})}}

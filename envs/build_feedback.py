@@ -48,6 +48,7 @@ Nothing here imports ``datasets`` or ``gymnasium`` (the build machine has neithe
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import random
@@ -106,6 +107,8 @@ __all__ = [
     "default_root",
     "asset_bytes",
     "SIZE_LIMIT_BYTES",
+    "FEEDBACK_STEPS",
+    "headline_metrics",
 ]
 
 #: which gold component each principle of envs/constitutions/micro.yaml checks
@@ -115,6 +118,8 @@ CYCLE_SETS = ("A", "B", "C")
 JUDGE_CONFIG = "judge_config.json"
 REWARD_FACT_DIR = "reward_fact"
 METRICS_NAME = "feedback_metrics.json"
+#: the model-building steps of :func:`build_all_feedback`, in build order (each writes the directory of its name)
+FEEDBACK_STEPS = ("reward", REWARD_FACT_DIR, "preference", "judge")
 #: all assets of a version together (tokenizer, sft and the feedback models)
 SIZE_LIMIT_BYTES = 25_000_000
 _EPS = 1e-9
@@ -416,17 +421,24 @@ def _sample(model, tokenizer, prompts, k, temperatures, max_new_tokens, batch_si
     return out, slots
 
 
-def _pairs(prompts, samples):
-    """Consecutive samples of a prompt form pairs (0,1), (2,3), ...; identical pairs are dropped."""
+def _pairs(prompts, samples, pairing: str = "all"):
+    """Pairs of samples of one prompt: ``"all"`` k(k-1)/2 of them, ``"consecutive"`` (0,1), (2,3), ...
+    Identical pairs are dropped (and counted)."""
+    if pairing not in ("all", "consecutive"):
+        raise ValueError(f"pairing must be 'all' or 'consecutive', got {pairing!r}.")
     P, A, B, dropped = [], [], [], 0
     for x, ys in zip(prompts, samples):
-        for j in range(0, len(ys) - 1, 2):
-            if ys[j] == ys[j + 1]:
+        if pairing == "all":
+            idx = itertools.combinations(range(len(ys)), 2)
+        else:
+            idx = ((j, j + 1) for j in range(0, len(ys) - 1, 2))
+        for i, j in idx:
+            if ys[i] == ys[j]:
                 dropped += 1
                 continue
             P.append(x)
-            A.append(ys[j])
-            B.append(ys[j + 1])
+            A.append(ys[i])
+            B.append(ys[j])
     return P, A, B, dropped
 
 
@@ -447,6 +459,7 @@ def build_preference_data(
     n_train_prompts: int = 20_000,
     n_heldout_prompts: int = 2_000,
     samples_per_prompt: int = 4,
+    pairing: str = "all",
     temperatures: Sequence[float] = (0.7, 1.0, 1.3),
     max_new_tokens: int = 32,
     gen_batch_size: int = 2048,
@@ -486,9 +499,9 @@ def build_preference_data(
     memo = _Memo(task.gold_components)
     pop = LabelerPopulation.preset(population, components_fn=memo, flip_prob=flip_prob)
     label_rng = np.random.default_rng(seed)
-    P, A, B, drop_tr = _pairs(train_prompts, tr_samples)
+    P, A, B, drop_tr = _pairs(train_prompts, tr_samples, pairing)
     train = _label(pop, memo, P, A, B, label_rng)
-    P, A, B, drop_va = _pairs(val_prompts, va_samples)
+    P, A, B, drop_va = _pairs(val_prompts, va_samples, pairing)
     heldout = _label(pop, memo, P, A, B, label_rng)
     ceiling = pop.bayes_ceiling(heldout.prompts, heldout.a, heldout.b, rng=np.random.default_rng(seed + 10_007))
 
@@ -513,6 +526,7 @@ def build_preference_data(
         "n_train_prompts": len(train_prompts),
         "n_heldout_prompts": len(val_prompts),
         "samples_per_prompt": samples_per_prompt,
+        "pairing": pairing,
         "temperatures": [float(t) for t in slots],
         "n_train_pairs": len(train),
         "n_heldout_pairs": len(heldout),
@@ -663,9 +677,14 @@ def build_preference_model(
     batch_size: int = 128,
     n_layers: int | None = 3,
     soft_labels: bool = True,
+    max_pairs: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train the two-argument preference model into ``root/"preference"``; returns metrics."""
+    """Train the two-argument preference model into ``root/"preference"``; returns metrics.
+
+    ``max_pairs``: train on a seeded random subset of that many train pairs. The model reads both
+    completions at once, so unlike the reward model it cannot share a sequence between the pairs
+    of a prompt: each pair costs two full passes."""
     from transformers import PreTrainedTokenizerFast
 
     from .preference_model import evaluate_preference_model, train_preference_model
@@ -676,6 +695,8 @@ def build_preference_model(
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
     backbone = truncated_backbone(root / "sft", n_layers)
     train = data.train.records(soft=soft_labels)
+    if max_pairs is not None and max_pairs < len(train):
+        train = train.select(sorted(random.Random(seed).sample(range(len(train)), max_pairs)))
     heldout = data.heldout.records(soft=False)
     pm = train_preference_model(backbone, tokenizer, train, heldout, epochs=epochs, lr=lr, batch_size=batch_size,
                                 device=device, seed=seed, progress=progress, max_prompt_tokens=128, max_completion_tokens=48)
@@ -1179,6 +1200,20 @@ def build_judge(
 # Everything
 
 
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of a :func:`build_all_feedback` result that the manifest and README quote."""
+    keys = ("heldout_accuracy", "accuracy_over_ceiling", "heldout_majority_agreement", "sft_t1_spearman", "seconds")
+    out: dict[str, Any] = {}
+    if "preference_data" in metrics:
+        d = metrics["preference_data"]
+        out["preference_data"] = {"n_train_pairs": d["n_train_pairs"], "n_heldout_pairs": d["n_heldout_pairs"],
+                                  "bayes_ceiling": d["bayes_ceiling"]["exact"], "seconds": d["seconds"]}
+    for step in FEEDBACK_STEPS:
+        if step in metrics:
+            out[step] = {k: metrics[step][k] for k in keys if k in metrics[step]}
+    return out
+
+
 def build_all_feedback(
     root=None,
     device: str = "cpu",
@@ -1199,10 +1234,12 @@ def build_all_feedback(
     data_dir=None,
     data: PreferenceData | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
+    steps: Sequence[str] = FEEDBACK_STEPS,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run every step (preference data, reward, reward_fact, preference, judge, the cycle
-    measurement) into ``root`` and write ``root/"feedback_metrics.json"`` (atomic). Returns the metrics.
+    """Run the preference-data step, then ``steps`` (default all: reward, reward_fact, preference,
+    judge) and the cycle measurement into ``root``, and write ``root/"feedback_metrics.json"``
+    (atomic; the entries of steps not run this time are kept from the file). Returns the metrics.
 
     ``overrides`` passes extra keyword arguments to single steps, keyed ``"preference_data"``,
     ``"reward"``, ``"reward_fact"``, ``"preference"``, ``"judge"`` (e.g. ``{"judge": {"lr": 1e-3}}``).
@@ -1212,9 +1249,12 @@ def build_all_feedback(
     t0 = time.time()
     root = _root(root)
     overrides = dict(overrides or {})
-    unknown = set(overrides) - {"preference_data", "reward", "reward_fact", "preference", "judge"}
+    unknown = set(overrides) - {"preference_data", *FEEDBACK_STEPS}
     if unknown:
-        raise ValueError(f"unknown override keys {sorted(unknown)}; use preference_data, reward, reward_fact, preference, judge.")
+        raise ValueError(f"unknown override keys {sorted(unknown)}; use preference_data, {', '.join(FEEDBACK_STEPS)}.")
+    unknown = set(steps) - set(FEEDBACK_STEPS)
+    if unknown or not steps:
+        raise ValueError(f"steps must be a non-empty subset of {list(FEEDBACK_STEPS)}, got {list(steps)}.")
 
     def kw(step: str, **defaults):
         return {**defaults, "progress": progress, **overrides.get(step, {})}
@@ -1225,13 +1265,20 @@ def build_all_feedback(
             samples_per_prompt=samples_per_prompt, gen_batch_size=gen_batch_size, data_dir=data_dir))
     elif not isinstance(data, PreferenceData):
         raise TypeError(f"data must be what build_preference_data returned, got {type(data).__name__}.")
-    metrics: dict[str, Any] = {"seed": seed, "device": str(device), "preference_data": data.metrics}
+    metrics: dict[str, Any] = {}
+    if (root / METRICS_NAME).is_file():
+        metrics = json.loads((root / METRICS_NAME).read_text())  # a partial rebuild keeps the other steps' numbers
+    metrics.update({"seed": seed, "device": str(device), "preference_data": data.metrics})
     model_kw = dict(data=data, batch_size=batch_size, n_layers=n_layers)
-    metrics["reward"] = build_reward_model(root, device, seed, **kw("reward", epochs=rm_epochs, **model_kw))
-    metrics["reward_fact"] = build_fact_reward_model(root, device, seed, **kw("reward_fact", epochs=rm_epochs, **model_kw))
-    metrics["preference"] = build_preference_model(root, device, seed, **kw("preference", epochs=pm_epochs, **model_kw))
-    metrics["judge"] = build_judge(root, device, seed, **kw(
-        "judge", data=data, n_pairs=judge_pairs, epochs=judge_epochs, batch_size=judge_batch_size, n_layers=n_layers))
+    if "reward" in steps:
+        metrics["reward"] = build_reward_model(root, device, seed, **kw("reward", epochs=rm_epochs, **model_kw))
+    if "reward_fact" in steps:
+        metrics["reward_fact"] = build_fact_reward_model(root, device, seed, **kw("reward_fact", epochs=rm_epochs, **model_kw))
+    if "preference" in steps:
+        metrics["preference"] = build_preference_model(root, device, seed, **kw("preference", epochs=pm_epochs, **model_kw))
+    if "judge" in steps:
+        metrics["judge"] = build_judge(root, device, seed, **kw(
+            "judge", data=data, n_pairs=judge_pairs, epochs=judge_epochs, batch_size=judge_batch_size, n_layers=n_layers))
     metrics["preference_cycle"] = measure_preference_cycle(cycle_prompts, seed=seed)
     size = asset_bytes(root)
     metrics["asset_bytes"] = size

@@ -78,14 +78,7 @@ def _component(name: str, root=None) -> Path:
                 "(or the single step for this component)."
             )
         return path
-    assets = load_micro_assets()
-    if not any(rel.startswith(f"{name}/") for rel in assets.manifest["files"]):
-        raise AssetError(
-            f"asset component {name!r} is not built in {assets.version!r} at {assets.root}; build it with "
-            "`python -c \"from rlhfgym.envs.build_feedback import build_all_feedback; build_all_feedback(device='cuda')\"` "
-            "and rewrite the manifest (assets.write_manifest)."
-        )
-    return assets.root / name
+    return load_micro_assets().require(name)
 
 
 def _tokenizer_dir(root=None) -> Path:

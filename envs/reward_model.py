@@ -349,10 +349,23 @@ class RewardModel:
 # Training and evaluation
 
 
+def _distinct_pairs(prefs) -> tuple[list[tuple[str, str]], list[int], list[int], list[list[int]]]:
+    """The distinct (prompt, completion) sequences of ``prefs``, the index of every record's chosen
+    and rejected sequence into them, and the record indices grouped by prompt."""
+    index: dict[tuple[str, str], int] = {}
+    chosen, rejected, groups = [], [], {}
+    for i, (x, yw, yl) in enumerate(zip(prefs["prompt"], prefs["chosen"], prefs["rejected"])):
+        chosen.append(index.setdefault((x, yw), len(index)))
+        rejected.append(index.setdefault((x, yl), len(index)))
+        groups.setdefault(x, []).append(i)
+    return list(index), chosen, rejected, list(groups.values())
+
+
 def _pair_scores(rm: RewardModel, prefs) -> tuple[torch.Tensor, torch.Tensor]:
-    r_w = rm.score(prefs["prompt"], prefs["chosen"]).double().cpu()
-    r_l = rm.score(prefs["prompt"], prefs["rejected"]).double().cpu()
-    return r_w, r_l
+    """r(chosen), r(rejected) per record (float64, CPU); each distinct sequence is scored once."""
+    pairs, chosen, rejected, _ = _distinct_pairs(prefs)
+    r = rm.score([x for x, _ in pairs], [y for _, y in pairs]).double().cpu()
+    return r[torch.tensor(chosen, dtype=torch.long)], r[torch.tensor(rejected, dtype=torch.long)]
 
 
 def evaluate_reward_model(rm: RewardModel, prefs, gold=None) -> dict[str, float]:
@@ -430,9 +443,11 @@ def train_reward_model(
     n = len(train_prefs)
     if n == 0:
         raise ValueError("train_prefs is empty; label some comparisons first.")
-    # tokenise once: every epoch reuses the same ids
-    chosen = rm.encode(train_prefs["prompt"], train_prefs["chosen"])
-    rejected = rm.encode(train_prefs["prompt"], train_prefs["rejected"])
+    # tokenise once: every epoch reuses the same ids. Each distinct (prompt, completion) is one
+    # sequence, and comparisons are batched prompt by prompt, so k samples of a prompt compared in
+    # all k(k-1)/2 pairs cost k forward passes per step, not k(k-1).
+    pairs, chosen, rejected, groups = _distinct_pairs(train_prefs)
+    seqs = rm.encode([x for x, _ in pairs], [y for _, y in pairs])
     label_prob = torch.tensor(train_prefs["label_prob"], dtype=torch.float32, device=device)
     pad = tokenizer.pad_token_id
 
@@ -445,13 +460,16 @@ def train_reward_model(
     bar = tqdm(total=total, desc="reward model", disable=not progress, leave=False)
     for epoch in range(epochs):
         model.train()
-        perm = torch.randperm(n, generator=gen).tolist()
+        order = [i for g in torch.randperm(len(groups), generator=gen).tolist() for i in groups[g]]
         loss_sum, acc_sum = 0.0, 0.0
         for s in range(0, n, batch_size):
-            idx = perm[s : s + batch_size]
-            # one forward over [chosen; rejected] so both halves see the same weights and batch stats
-            r = scalar_forward(model, [chosen[i] for i in idx] + [rejected[i] for i in idx], pad, device)
-            r_w, r_l = r[: len(idx)], r[len(idx):]
+            idx = order[s : s + batch_size]
+            # one forward over the batch's distinct sequences, so chosen and rejected see the same weights
+            distinct = list(dict.fromkeys([chosen[i] for i in idx] + [rejected[i] for i in idx]))
+            row = {q: j for j, q in enumerate(distinct)}
+            r = scalar_forward(model, [seqs[q] for q in distinct], pad, device)
+            r_w = r[torch.tensor([row[chosen[i]] for i in idx], device=r.device)]
+            r_l = r[torch.tensor([row[rejected[i]] for i in idx], device=r.device)]
             p = label_prob[idx]
             loss = soft_bt_loss(r_w - r_l, p)
             optimizer.zero_grad(set_to_none=True)

@@ -49,6 +49,19 @@ def test_tiny_build_end_to_end(tmp_path):
     manifest = verify_manifest(root)
     assert {"tokenizer/tokenizer.json", "sft/model.safetensors"} <= set(manifest["files"])
     assert manifest["seed"] == 0 and "build-assets" in manifest["command"]
+    assert set(manifest["parts"]) == {"tokenizer", "sft"} and manifest["metrics"]["n_test_articles"] == 4
+    # a feedback part is built on top: the manifest lists it and keeps the other parts' records
+    with pytest.warns(UserWarning, match="previous SFT policy"):  # rebuilt SFT, stale reward model
+        build_assets(out=str(root), only="reward", progress=False,
+                     feedback={"n_train_prompts": 12, "n_heldout_prompts": 6, "gen_batch_size": 64})
+        build_assets(out=str(root), only="sft", sft_config=cfg, progress=False, eval_articles=4)
+    manifest = verify_manifest(root)
+    assert "reward/model.safetensors" in manifest["files"]
+    assert manifest["parts"]["reward"]["command"].endswith("--only reward --gen-batch-size 64 --heldout-prompts 6 --prompts 12")
+    assert manifest["parts"]["tokenizer"]["command"] != manifest["parts"]["reward"]["command"]
+    assert manifest["feedback_metrics"]["reward"]["heldout_accuracy"] >= 0
+    with pytest.raises(ValueError, match="unknown asset parts.*feedback"):
+        build_assets(out=str(root), only="rewards")
     model = AutoModelForCausalLM.from_pretrained(root / "sft")
     tok = AutoTokenizer.from_pretrained(root / "tokenizer")
     assert model.config.vocab_size == len(tok)

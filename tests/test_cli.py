@@ -91,7 +91,11 @@ def test_play_passes_arguments(monkeypatch) -> None:
 def test_build_assets_passes_arguments(monkeypatch) -> None:
     calls = fake_impl(monkeypatch, "rlhfgym.envs.build", "build_assets")
     assert cli.main(["build-assets", "--only", "tokenizer, sft", "--seed", "3", "--out", "/tmp/x"]) == 0
-    assert calls == [((), dict(version="micro-v0", out="/tmp/x", seed=3, device="cpu", only="tokenizer,sft"))]
+    assert calls == [((), dict(version="micro-v0", out="/tmp/x", seed=3, device="cpu", only="tokenizer,sft", feedback=None))]
+    calls.clear()
+    assert cli.main(["build-assets", "--only", "reward", "--prompts", "8000", "--gen-batch-size", "512"]) == 0
+    assert calls == [((), dict(version="micro-v0", out=None, seed=0, device="cpu", only="reward",
+                               feedback={"n_train_prompts": 8000, "gen_batch_size": 512}))]
 
 
 def test_bench_env_passes_arguments(monkeypatch) -> None:

@@ -315,6 +315,42 @@ def test_soft_labels_are_respected(fb_lm_dir, fb_tokenizer):
     assert evaluate_reward_model(rm, marker_preferences(128, seed=3))["accuracy"] >= 0.9
 
 
+def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokenizer, monkeypatch):
+    """k samples of a prompt compared in all k(k-1)/2 pairs: the trainer forwards each distinct
+    (prompt, completion) once per step (k sequences, not k(k-1)) and still learns the rule."""
+    import itertools
+
+    from rlhfgym.envs import reward_model as rm_module
+
+    base = marker_preferences(48, seed=4).to_list()
+    rows = []
+    for i in range(0, 48, 2):  # per prompt: 2 marker and 2 plain completions, all 6 pairs
+        x = base[i]["prompt"]
+        ys = [(base[i]["chosen"], 1), (base[i + 1]["chosen"], 1), (base[i]["rejected"], 0), (base[i + 1]["rejected"], 0)]
+        for (a, ma), (b, mb) in itertools.combinations(ys, 2):
+            rows.append((x, a, b, 0.5 if ma == mb else float(ma > mb)))
+    train = make_preferences(*map(list, zip(*rows)))
+    assert len(train) == 24 * 6
+    pairs, chosen, rejected, groups = rm_module._distinct_pairs(train)
+    assert len(pairs) == 24 * 4 and [len(g) for g in groups] == [6] * 24
+    assert all(pairs[c] == (x, y) for c, x, y in zip(chosen, train["prompt"], train["chosen"]))
+
+    rows_forwarded = []
+    real_forward = rm_module.scalar_forward
+
+    def counting_forward(model, seqs, pad, device):
+        rows_forwarded.append(len(seqs))
+        return real_forward(model, seqs, pad, device)
+
+    monkeypatch.setattr(rm_module, "scalar_forward", counting_forward)
+    rm = train_reward_model(fb_lm_dir, fb_tokenizer, train, epochs=3, lr=3e-3, batch_size=36, progress=False,
+                            normalise_on=(train["prompt"][:8], train["rejected"][:8]))
+    monkeypatch.setattr(rm_module, "scalar_forward", real_forward)
+    assert rows_forwarded[0] == 24  # the first step: 36 pairs = 6 whole prompts = 24 distinct sequences
+    assert sum(rows_forwarded[:12]) == 3 * 24 * 4  # three epochs, each sequence once per epoch
+    assert evaluate_reward_model(rm, marker_preferences(128, seed=3))["accuracy"] >= 0.9
+
+
 def test_format_input_hook_and_fact_prepending(fb_lm_dir, fb_tokenizer):
     fmt = prepend_facts(lambda prompt: "w1 w2")
     assert fmt("summarize : w3 tl;dr :", "w4") == "w1 w2 summarize : w3 tl;dr : w4"

@@ -447,6 +447,17 @@ def test_extend_tokenizer_appends_whole_words(world_root):
     assert world(text.replace(" summary ( A", ""))["input_ids"] == ids[:4]
 
 
+def test_samples_pair_up_all_or_consecutive():
+    samples = [["a", "b", "c", "a"], ["x", "x"]]
+    P, A, B, dropped = bf._pairs(["p", "q"], samples, "all")
+    assert list(zip(A, B)) == [("a", "b"), ("a", "c"), ("b", "c"), ("b", "a"), ("c", "a")] and P == ["p"] * 5
+    assert dropped == 2  # ("a", "a") of p and ("x", "x") of q are no comparison
+    P, A, B, dropped = bf._pairs(["p", "q"], samples, "consecutive")
+    assert list(zip(A, B)) == [("a", "b"), ("c", "a")] and dropped == 1
+    with pytest.raises(ValueError, match="pairing must be"):
+        bf._pairs(["p"], [["a", "b"]], "random")
+
+
 def test_checker_verdicts_map_principles_to_components():
     ca = np.array([[0.8, 0.0, -0.25, 0.0], [0.4, -0.15, 0.0, -0.1]])
     cb = np.array([[0.4, -0.15, 0.0, 0.0], [0.4, -0.15, 0.0, 0.0]])
