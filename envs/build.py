@@ -214,8 +214,9 @@ def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int
 
 
 ASSET_PARTS = ("tokenizer", "sft", "reward", "reward_fact", "preference", "judge")
-#: ``build_assets(feedback=...)`` keys: the preference data's scale (see build_feedback.build_preference_data)
-FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "heldout-prompts", "gen_batch_size": "gen-batch-size"}
+#: ``build_assets(feedback=...)`` keys: the feedback build's scale (see build_feedback.build_all_feedback)
+FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "heldout-prompts", "gen_batch_size": "gen-batch-size",
+                        "pm_max_pairs": "pm-pairs"}
 FEEDBACK_SCALE_KEYS = tuple(FEEDBACK_SCALE_FLAGS)
 
 
@@ -230,7 +231,7 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     :data:`FEEDBACK_SCALE_KEYS`, e.g. ``{"n_train_prompts": 8000}``). The manifest is rewritten
     last; it keeps the build record (command, machine, date) of the parts not rebuilt.
     """
-    from .assets import _device_string, asset_dir, atomic_save_dir, write_manifest
+    from .assets import asset_dir, atomic_save_dir
 
     if version != "micro-v0":
         raise ValueError(f"unknown asset version {version!r}; this release builds 'micro-v0'.")
@@ -246,7 +247,6 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
         raise ValueError(f"unknown feedback scale keys {sorted(bad)}; use {', '.join(FEEDBACK_SCALE_KEYS)}.")
     task = NewsTask(seed=0)
     cfg = sft_config or SFTConfig(seed=seed)
-    old = _previous_manifest(target)
     t0 = time.time()
     target.mkdir(parents=True, exist_ok=True)
     if "tokenizer" in parts:
@@ -255,7 +255,7 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(target / "tokenizer")
-    extra = {k: old[k] for k in ("sft_config", "metrics", "feedback_metrics") if k in old}
+    extra = {}
     if "sft" in parts:
         model = train_sft(task, tokenizer, cfg, device=device, progress=progress)
         metrics = evaluate_policy(model, tokenizer, task, n=eval_articles)
@@ -279,12 +279,26 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     command = f"rlhf-zoo build-assets --version {version} --seed {seed} --device {device} --only {','.join(names)}"
     if steps:
         command += "".join(f" --{FEEDBACK_SCALE_FLAGS[k]} {v}" for k, v in sorted(feedback.items()))
-    record = {"command": command, "seed": seed, "built_on": _device_string(),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(time.time() - t0, 1)}
-    extra["parts"] = {**_part_records(old), **{q: record for q in sorted(parts)}}
-    extra["build_seconds"] = record["seconds"]
-    write_manifest(target, command=command, seed=seed, extra=extra)
+    record_build(target, parts, command, seed, time.time() - t0, extra)
     return target
+
+
+def record_build(target, parts, command: str, seed: int, seconds: float, extra: dict | None = None) -> dict:
+    """Rewrite ``target``'s manifest after building ``parts`` there with ``command``: every file is
+    listed with its checksum, ``parts`` get this build's record (command, seed, machine, date,
+    seconds) and the other parts keep theirs, with their metrics (``sft_config``, ``metrics``,
+    ``feedback_metrics``) unless ``extra`` replaces them. Returns the manifest."""
+    from .assets import _device_string, write_manifest
+
+    target = Path(target)
+    old = _previous_manifest(target)
+    merged = {k: old[k] for k in ("sft_config", "metrics", "feedback_metrics") if k in old}
+    merged.update(extra or {})
+    record = {"command": command, "seed": seed, "built_on": _device_string(),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 1)}
+    merged["parts"] = {**_part_records(old), **{q: record for q in sorted(parts)}}
+    merged["build_seconds"] = record["seconds"]
+    return write_manifest(target, command=command, seed=seed, extra=merged)
 
 
 def _previous_manifest(target: Path) -> dict:

@@ -1225,6 +1225,7 @@ def build_all_feedback(
     gen_batch_size: int = 2048,
     rm_epochs: int = 2,
     pm_epochs: int = 2,
+    pm_max_pairs: int | None = None,
     judge_pairs: int = 24_000,
     judge_epochs: int = 3,
     batch_size: int = 128,
@@ -1275,7 +1276,8 @@ def build_all_feedback(
     if "reward_fact" in steps:
         metrics["reward_fact"] = build_fact_reward_model(root, device, seed, **kw("reward_fact", epochs=rm_epochs, **model_kw))
     if "preference" in steps:
-        metrics["preference"] = build_preference_model(root, device, seed, **kw("preference", epochs=pm_epochs, **model_kw))
+        metrics["preference"] = build_preference_model(root, device, seed, **kw(
+            "preference", epochs=pm_epochs, max_pairs=pm_max_pairs, **model_kw))
     if "judge" in steps:
         metrics["judge"] = build_judge(root, device, seed, **kw(
             "judge", data=data, n_pairs=judge_pairs, epochs=judge_epochs, batch_size=judge_batch_size, n_layers=n_layers))
