@@ -216,7 +216,7 @@ def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int
 ASSET_PARTS = ("tokenizer", "sft", "reward", "reward_fact", "preference", "judge")
 #: ``build_assets(feedback=...)`` keys: the feedback build's scale (see build_feedback.build_all_feedback)
 FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "heldout-prompts", "gen_batch_size": "gen-batch-size",
-                        "pm_max_pairs": "pm-pairs"}
+                        "rm_epochs": "rm-epochs", "pm_max_pairs": "pm-pairs"}
 FEEDBACK_SCALE_KEYS = tuple(FEEDBACK_SCALE_FLAGS)
 
 

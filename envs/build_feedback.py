@@ -11,15 +11,17 @@ write next to them in the same asset root (default: the package's ``envs/assets/
 
 1. :func:`build_preference_data`: the frozen SFT policy samples ``samples_per_prompt`` completions
    per training prompt (temperatures cycling through ``temperatures``, e.g. 0.7/1.0/1.3, for a
-   spread of quality); consecutive samples form pairs (identical pairs are dropped), and the
-   ``"alpacafarm"`` :class:`~.labelers.LabelerPopulation` (four labeler types, 25% label flips)
-   answers each comparison from the task's gold components. Held-out pairs come the same way from
-   validation prompts; their Bayes ceiling (exact and on a fresh label draw) bounds any model's
-   accuracy. The records stay in memory (:class:`PreferenceData`); ``data_dir=`` also writes them
+   spread of quality); every two distinct samples of a prompt form a pair (``pairing="all"``: 6
+   pairs from 4 samples, and the reward model's trainer scores each sample once per step), and
+   ``annotators_per_pair`` (default 3) labelers of the ``"alpacafarm"``
+   :class:`~.labelers.LabelerPopulation` (four labeler types, 25% label flips) answer each
+   comparison from the task's gold components. Held-out pairs come the same way from validation
+   prompts, with one click each; their Bayes ceiling (exact and on a fresh label draw) bounds any
+   model's accuracy. The records stay in memory (:class:`PreferenceData`); ``data_dir=`` also writes them
    as JSONL in our preference schema (readable by :func:`~.preferences.load_preferences`), never
    into the asset root (40k records would break the size budget).
 2. Reward models start from the SFT backbone (its first ``n_layers`` layers, see below), train on
-   the soft labels (the answering labeler's probability, Constitutional-AI style) with the
+   the soft labels (the annotators' mean probability, Constitutional-AI style) with the
    Bradley-Terry loss, and are shifted so SFT samples (temperature 1) score 0 on average. Held-out
    accuracy is measured against the sampled (hard) clicks and compared with the Bayes ceiling.
 3. The preference model reads both completions (antisymmetric by construction).
@@ -442,12 +444,20 @@ def _pairs(prompts, samples, pairing: str = "all"):
     return P, A, B, dropped
 
 
-def _label(pop: LabelerPopulation, memo: _Memo, P, A, B, rng) -> PairSet:
-    labels = pop.label(P, A, B, rng=rng)
+def _label(pop: LabelerPopulation, memo: _Memo, P, A, B, rng, annotators: int = 1) -> PairSet:
+    """Each pair answered by ``annotators`` labelers drawn from ``pop``. With several, ``prob`` is
+    their mean probability (the soft label; the Bradley-Terry loss is linear in it, so this equals
+    training on each answer), ``label`` their majority click (ties: the first annotator's)."""
+    answers = [pop.label(P, A, B, rng=rng) for _ in range(annotators)]
+    first = answers[0]
+    clicks = np.mean([x.label for x in answers], axis=0)
+    label = np.where(clicks == 0.5, first.label, clicks > 0.5).astype(np.int64)
+    names = [first.labeler_names[i] for i in first.labeler_id]
+    if annotators > 1:
+        names = ["+".join(first.labeler_names[x.labeler_id[j]] for x in answers) for j in range(len(P))]
     return PairSet(
         prompts=list(P), a=list(A), b=list(B), comp_a=memo.array(P, A), comp_b=memo.array(P, B),
-        p_pop=labels.prob_population, prob=labels.prob, label=labels.label,
-        labeler=[labels.labeler_names[i] for i in labels.labeler_id],
+        p_pop=first.prob_population, prob=np.mean([x.prob for x in answers], axis=0), label=label, labeler=names,
     )
 
 
@@ -460,6 +470,7 @@ def build_preference_data(
     n_heldout_prompts: int = 2_000,
     samples_per_prompt: int = 4,
     pairing: str = "all",
+    annotators_per_pair: int = 3,
     temperatures: Sequence[float] = (0.7, 1.0, 1.3),
     max_new_tokens: int = 32,
     gen_batch_size: int = 2048,
@@ -477,6 +488,8 @@ def build_preference_data(
     """
     t0 = time.time()
     root = _root(root)
+    if annotators_per_pair < 1:
+        raise ValueError(f"annotators_per_pair must be >= 1, got {annotators_per_pair}.")
     if samples_per_prompt < 2:
         raise ValueError(f"samples_per_prompt must be >= 2 to form pairs, got {samples_per_prompt}.")
     task = NewsTask(seed=0)
@@ -500,9 +513,9 @@ def build_preference_data(
     pop = LabelerPopulation.preset(population, components_fn=memo, flip_prob=flip_prob)
     label_rng = np.random.default_rng(seed)
     P, A, B, drop_tr = _pairs(train_prompts, tr_samples, pairing)
-    train = _label(pop, memo, P, A, B, label_rng)
+    train = _label(pop, memo, P, A, B, label_rng, annotators_per_pair)
     P, A, B, drop_va = _pairs(val_prompts, va_samples, pairing)
-    heldout = _label(pop, memo, P, A, B, label_rng)
+    heldout = _label(pop, memo, P, A, B, label_rng)  # one click each: comparable with the Bayes ceiling
     ceiling = pop.bayes_ceiling(heldout.prompts, heldout.a, heldout.b, rng=np.random.default_rng(seed + 10_007))
 
     t1_slot = slots.index(1.0) if 1.0 in slots else 0
@@ -527,6 +540,7 @@ def build_preference_data(
         "n_heldout_prompts": len(val_prompts),
         "samples_per_prompt": samples_per_prompt,
         "pairing": pairing,
+        "annotators_per_pair": annotators_per_pair,
         "temperatures": [float(t) for t in slots],
         "n_train_pairs": len(train),
         "n_heldout_pairs": len(heldout),
@@ -575,7 +589,7 @@ def build_reward_model(
     *,
     data: PreferenceData | None = None,
     facts: bool = False,
-    epochs: int = 2,
+    epochs: int = 4,
     lr: float = 3e-4,
     batch_size: int = 128,
     n_layers: int | None = 3,
@@ -1223,7 +1237,7 @@ def build_all_feedback(
     n_heldout_prompts: int = 2_000,
     samples_per_prompt: int = 4,
     gen_batch_size: int = 2048,
-    rm_epochs: int = 2,
+    rm_epochs: int = 4,
     pm_epochs: int = 2,
     pm_max_pairs: int | None = None,
     judge_pairs: int = 24_000,

@@ -91,6 +91,11 @@ def test_preference_data_pairs_labels_and_ceiling(tiny, task):
         comps = task.gold_components(pairs.prompts[i], pairs.a[i])
         assert pairs.comp_a[i].tolist() == [comps[k] for k in ("coverage", "faithfulness", "distractor", "brevity")]
         assert set(np.unique(pairs.label)) <= {0, 1}
+    # three annotators answer each training comparison (soft label = their mean probability), one
+    # each held-out comparison (its click is what the Bayes ceiling is about)
+    assert m["annotators_per_pair"] == 3
+    assert all(name.count("+") == 2 for name in data.train.labeler) and all("+" not in n for n in data.heldout.labeler)
+    assert 0.0 < data.train.prob.min() and data.train.prob.max() < 1.0
     # the population's probabilities: the Bayes ceiling is their mean max(p, 1 - p)
     p = data.heldout.p_pop
     c = m["bayes_ceiling"]
@@ -456,6 +461,21 @@ def test_samples_pair_up_all_or_consecutive():
     assert list(zip(A, B)) == [("a", "b"), ("c", "a")] and dropped == 1
     with pytest.raises(ValueError, match="pairing must be"):
         bf._pairs(["p"], [["a", "b"]], "random")
+
+
+def test_several_annotators_give_the_mean_probability_and_the_majority_click():
+    def components(prompt, completion):
+        return {"coverage": len(completion.split()) / 10, "faithfulness": 0.0, "distractor": 0.0, "brevity": 0.0}
+
+    memo = bf._Memo(components)
+    pop = LabelerPopulation.preset("alpacafarm", components_fn=memo, flip_prob=0.25)
+    P, A, B = ["p"] * 200, ["a b c"] * 200, ["a"] * 200
+    pairs = bf._label(pop, memo, P, A, B, np.random.default_rng(0), annotators=3)
+    rng = np.random.default_rng(0)
+    answers = [pop.label(P, A, B, rng=rng) for _ in range(3)]
+    assert np.allclose(pairs.prob, np.mean([x.prob for x in answers], axis=0))
+    assert np.array_equal(pairs.label, (np.sum([x.label for x in answers], axis=0) >= 2).astype(int))
+    assert pairs.labeler[0].count("+") == 2 and np.allclose(pairs.p_pop, answers[0].prob_population)
 
 
 def test_checker_verdicts_map_principles_to_components():

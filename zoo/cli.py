@@ -182,6 +182,8 @@ def _build_assets_args(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--prompts", type=positive_int, default=None, metavar="N", help="train prompts (default 20000)")
     scale.add_argument("--heldout-prompts", type=positive_int, default=None, metavar="N", help="held-out prompts (default 2000)")
     scale.add_argument("--gen-batch-size", type=positive_int, default=None, metavar="N", help="sampling batch (default 2048)")
+    scale.add_argument("--rm-epochs", type=positive_int, default=None, metavar="N",
+                       help="epochs of the reward models (default 4)")
     scale.add_argument("--pm-pairs", type=positive_int, default=None, metavar="N",
                        help="train the preference model on N random pairs (default all)")
 
@@ -190,7 +192,7 @@ def _build_assets(args: argparse.Namespace) -> Any:
     build_assets = load_impl("rlhfgym.envs.build", "build_assets")
     only = ",".join(args.only) if args.only else None  # build_assets takes "tokenizer,sft" as one string
     flags = {"n_train_prompts": args.prompts, "n_heldout_prompts": args.heldout_prompts, "gen_batch_size": args.gen_batch_size,
-             "pm_max_pairs": args.pm_pairs}
+             "rm_epochs": args.rm_epochs, "pm_max_pairs": args.pm_pairs}
     feedback = {k: v for k, v in flags.items() if v is not None}
     return build_assets(version=args.version, out=args.out, seed=args.seed, device=args.device, only=only,
                         feedback=feedback or None)
