@@ -11,9 +11,10 @@ from gymnasium.utils.env_checker import check_env
 import rlhfgym.envs  # noqa: F401  (registers the ids)
 from rlhfgym.envs import assets
 from rlhfgym.envs.assets import AssetError
+from rlhfgym.envs.registration import ENV_IDS
 
 
-@pytest.mark.parametrize("env_id", ["RLHF-Summarize-v0", "RLHF-Summarize-Gold-v0"])
+@pytest.mark.parametrize("env_id", sorted(ENV_IDS))
 def test_registered_env_passes_check_env(env_id):
     env = gym.make(env_id, kl_coef=0.05)
     check_env(env.unwrapped, skip_render_check=True)
@@ -40,6 +41,27 @@ def test_sft_policy_episode_reports_rm_gold_and_completion():
     assert total == pytest.approx(info["rm_score"] + 0.05 * ref_sum, abs=1e-4)
     assert info["gold"] > 0  # the SFT policy writes a real summary
     assert len(info["completion"].split()) >= 5
+
+
+@pytest.mark.parametrize("reward_model", ["learned"])
+def test_shipped_reward_models_rank_writers_like_gold(reward_model):
+    """The shipped reward models pay for what gold pays for: on test articles they rank the expert
+    writer above the omitter (a key fact missing), and an episode reports their score and gold."""
+    env = gym.make("RLHF-Summarize-v0", split="test", reward_model=reward_model)
+    core = env.unwrapped
+    task, n = core.task, 64
+    prompts = core.prompts("test", n)
+    expert = [task.reference("test", i, "expert") for i in range(n)]
+    omitter = [task.reference("test", i, "omitter") for i in range(n)]
+    r_expert, r_omitter = core.score(prompts, expert), core.score(prompts, omitter)
+    assert float((r_expert > r_omitter).float().mean()) > 0.7
+    assert not torch.allclose(r_expert, torch.tensor(core.gold(prompts, expert), dtype=torch.float32))
+    env.reset(seed=0)
+    words = core.tokenizer(expert[0].split()[:4], is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    for token in [*words, core.tokenizer.eos_token_id]:
+        _, _, terminated, truncated, info = env.step(int(token))
+    assert terminated and not truncated
+    assert {"rm_score", "gold"} <= set(info) and info["rm_score"] != info["gold"]
 
 
 def test_vector_env_on_real_assets_runs_batched():
