@@ -32,6 +32,7 @@ ENV_IDS: dict[str, dict[str, Any]] = {
     # reward/, reward_model="learned") is at 89.5% (docs/feedback.md), so not yet.
     "RLHF-Summarize-v0": {"reward_model": "gold"},
     "RLHF-Summarize-Gold-v0": {"reward_model": "gold"},  # the gold scorer itself
+    "RLHF-Summarize-Fact-v0": {"reward_model": "fact"},  # Fact-RLHF: the RM also reads the article's key facts
     "RLHF-Intransitive-v0": {"reward_model": "intransitive"},  # a labeler population whose preferences cycle
 }
 

@@ -43,7 +43,7 @@ def test_sft_policy_episode_reports_rm_gold_and_completion():
     assert len(info["completion"].split()) >= 5
 
 
-@pytest.mark.parametrize("reward_model", ["learned"])
+@pytest.mark.parametrize("reward_model", ["learned", "fact"])
 def test_shipped_reward_models_rank_writers_like_gold(reward_model):
     """The shipped reward models pay for what gold pays for: on test articles they rank the expert
     writer above the omitter (a key fact missing), and an episode reports their score and gold."""
