@@ -48,6 +48,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "COMPONENTS",
+    "FEEDBACK_COMPONENTS",
     "AssetError",
     "MicroAssets",
     "asset_dir",
@@ -71,7 +72,9 @@ MANIFEST_NAME = "manifest.json"
 #: bump when the manifest's layout changes; readers refuse other formats
 MANIFEST_FORMAT = 1
 #: the sub-directories an asset version may hold
-COMPONENTS = ("tokenizer", "sft", "reward", "reward_fact", "preference", "judge")
+#: the feedback models (envs/build_feedback.py), in build order
+FEEDBACK_COMPONENTS = ("reward", "reward_fact", "preference", "judge")
+COMPONENTS = ("tokenizer", "sft", *FEEDBACK_COMPONENTS)
 
 _CHUNK = 1 << 20
 

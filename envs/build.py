@@ -213,11 +213,10 @@ def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int
     }
 
 
-ASSET_PARTS = ("tokenizer", "sft", "reward", "reward_fact", "preference", "judge")
-#: ``build_assets(feedback=...)`` keys: the feedback build's scale (see build_feedback.build_all_feedback)
+#: ``build_assets(feedback=...)`` keys (the feedback build's scale, see build_feedback.build_all_feedback)
+#: and the ``rlhf-zoo build-assets`` flag of each
 FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "heldout-prompts", "gen_batch_size": "gen-batch-size",
                         "rm_epochs": "rm-epochs", "pm_max_pairs": "pm-pairs"}
-FEEDBACK_SCALE_KEYS = tuple(FEEDBACK_SCALE_FLAGS)
 
 
 def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 0, device: str = "cpu",
@@ -225,26 +224,26 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
                  eval_articles: int = 200, feedback: dict | None = None) -> Path:
     """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir).
 
-    ``only``: comma-separated parts of :data:`ASSET_PARTS` (``"feedback"`` = the four feedback
+    ``only``: comma-separated :data:`~.assets.COMPONENTS` (``"feedback"`` = the four feedback
     models); default ``"tokenizer,sft"``. Feedback parts need the tokenizer and SFT policy in place
     and sample their preference data from it; ``feedback`` sets that data's scale (keys
-    :data:`FEEDBACK_SCALE_KEYS`, e.g. ``{"n_train_prompts": 8000}``). The manifest is rewritten
+    :data:`FEEDBACK_SCALE_FLAGS`, e.g. ``{"n_train_prompts": 8000}``). The manifest is rewritten
     last; it keeps the build record (command, machine, date) of the parts not rebuilt.
     """
-    from .assets import asset_dir, atomic_save_dir
+    from .assets import COMPONENTS, FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir
 
     if version != "micro-v0":
         raise ValueError(f"unknown asset version {version!r}; this release builds 'micro-v0'.")
     target = Path(out) if out else asset_dir(version, must_exist=False)
     names = [n.strip() for n in (only or "tokenizer,sft").split(",") if n.strip()]
-    parts = {q for n in names for q in (ASSET_PARTS[2:] if n == "feedback" else (n,))}
-    unknown = parts - set(ASSET_PARTS)
+    parts = {q for n in names for q in (FEEDBACK_COMPONENTS if n == "feedback" else (n,))}
+    unknown = parts - set(COMPONENTS)
     if unknown or not parts:
-        raise ValueError(f"unknown asset parts {sorted(unknown)}; choose from {', '.join(ASSET_PARTS)} or feedback.")
+        raise ValueError(f"unknown asset parts {sorted(unknown)}; choose from {', '.join(COMPONENTS)} or feedback.")
     feedback = dict(feedback or {})
-    bad = set(feedback) - set(FEEDBACK_SCALE_KEYS)
+    bad = set(feedback) - set(FEEDBACK_SCALE_FLAGS)
     if bad:
-        raise ValueError(f"unknown feedback scale keys {sorted(bad)}; use {', '.join(FEEDBACK_SCALE_KEYS)}.")
+        raise ValueError(f"unknown feedback scale keys {sorted(bad)}; use {', '.join(FEEDBACK_SCALE_FLAGS)}.")
     task = NewsTask(seed=0)
     cfg = sft_config or SFTConfig(seed=seed)
     t0 = time.time()
@@ -264,13 +263,13 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
             (Path(tmp) / "build_metrics.json").write_text(json.dumps(metrics, indent=2))
         extra["sft_config"] = asdict(cfg)
         extra["metrics"] = {k: v for k, v in metrics.items() if k != "examples"}
-        stale = [q for q in ASSET_PARTS[2:] if (target / q).is_dir() and q not in parts]
+        stale = [q for q in FEEDBACK_COMPONENTS if (target / q).is_dir() and q not in parts]
         if stale:
             import warnings
 
             warnings.warn(f"{', '.join(stale)} in {target} were built on the previous SFT policy; rebuild them "
                           f"(--only {','.join(stale)}) so that they judge what the new policy writes.", stacklevel=2)
-    steps = [q for q in ASSET_PARTS[2:] if q in parts]
+    steps = [q for q in FEEDBACK_COMPONENTS if q in parts]
     if steps:
         from .build_feedback import build_all_feedback, headline_metrics
 

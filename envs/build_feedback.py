@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .assets import asset_dir, atomic_save_dir, atomic_write_text
+from .assets import FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir, atomic_write_text
 from .labelers import COMPONENTS, LabelerPopulation
 from .tasks.news import (
     ACTIONS,
@@ -120,8 +120,8 @@ CYCLE_SETS = ("A", "B", "C")
 JUDGE_CONFIG = "judge_config.json"
 REWARD_FACT_DIR = "reward_fact"
 METRICS_NAME = "feedback_metrics.json"
-#: the model-building steps of :func:`build_all_feedback`, in build order (each writes the directory of its name)
-FEEDBACK_STEPS = ("reward", REWARD_FACT_DIR, "preference", "judge")
+#: the model-building steps of :func:`build_all_feedback`, in build order: one per feedback asset component
+FEEDBACK_STEPS = FEEDBACK_COMPONENTS
 #: all assets of a version together (tokenizer, sft and the feedback models)
 SIZE_LIMIT_BYTES = 25_000_000
 _EPS = 1e-9
@@ -452,9 +452,7 @@ def _label(pop: LabelerPopulation, memo: _Memo, P, A, B, rng, annotators: int = 
     first = answers[0]
     clicks = np.mean([x.label for x in answers], axis=0)
     label = np.where(clicks == 0.5, first.label, clicks > 0.5).astype(np.int64)
-    names = [first.labeler_names[i] for i in first.labeler_id]
-    if annotators > 1:
-        names = ["+".join(first.labeler_names[x.labeler_id[j]] for x in answers) for j in range(len(P))]
+    names = ["+".join(first.labeler_names[x.labeler_id[j]] for x in answers) for j in range(len(P))]
     return PairSet(
         prompts=list(P), a=list(A), b=list(B), comp_a=memo.array(P, A), comp_b=memo.array(P, B),
         p_pop=first.prob_population, prob=np.mean([x.prob for x in answers], axis=0), label=label, labeler=names,
@@ -666,9 +664,10 @@ def _majority_agreement(a_wins: np.ndarray, pairs: PairSet) -> float:
 
 
 def _rm_prefers_a(rm, pairs: PairSet) -> np.ndarray:
-    ra = rm.score(pairs.prompts, pairs.a).double().cpu().numpy()
-    rb = rm.score(pairs.prompts, pairs.b).double().cpu().numpy()
-    return ra > rb
+    from .reward_model import _pair_scores
+
+    ra, rb = _pair_scores(rm, {"prompt": pairs.prompts, "chosen": pairs.a, "rejected": pairs.b})
+    return (ra > rb).numpy()
 
 
 def build_fact_reward_model(root=None, device: str = "cpu", seed: int = 0, **kwargs) -> dict[str, Any]:

@@ -29,6 +29,18 @@ NUMBERS = [str(i) for i in range(1, 10)]
 TOY_VOCAB = [PAD, EOS, UNK, "summarize", ":", "tl;dr", ".", "in", "today", ",", *NAMES, *ITEMS, *PLACES, *VERBS, *NUMBERS]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Every test runs torch on one thread: its models are tiny (more threads only add overhead)
+    and CI machines are shared (oversubscribed threads crawl)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class ToyTask(Task):
     """Tiny procedural summarization task: one to three "who did what where" sentences per prompt.
 

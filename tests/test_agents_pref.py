@@ -31,15 +31,6 @@ class Interrupt(Exception):
     """Stands in for a crash / Ctrl-C in the middle of a run."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: the tiny model gains little from more threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def env():
     import gymnasium as gym
@@ -52,7 +43,6 @@ def env():
 @pytest.fixture(scope="module")
 def pairs(env):
     """128 training pairs and 128 held-out pairs of pi_ref samples, labelled by the (noiseless) gold labeler."""
-    torch.set_num_threads(1)
     train = make_preference_pairs(env, 128, "train", labeler_flip_prob=0.0, seed=0, start=0)
     held = make_preference_pairs(env, 128, "validation", labeler_flip_prob=0.0, seed=1, start=0)
     return train, held

@@ -22,7 +22,6 @@ from rlhfgym.agents.reinforce import RLOO, Reinforce
 from rlhfgym.agents.sft import SFT
 from rlhfgym.envs.registration import register_envs
 
-torch.set_num_threads(1)
 register_envs()
 ENV_ID = "RLHF-Summarize-Gold-v0"
 

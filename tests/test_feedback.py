@@ -48,15 +48,6 @@ from rlhfgym.envs.reward_model import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the machine is shared: tiny models gain nothing from more threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------------------
 # Labelers
 
@@ -247,7 +238,6 @@ def test_empty_and_broken_files_raise_clear_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_rm(fb_lm_dir, fb_tokenizer):
-    torch.set_num_threads(1)
     train, held_out = marker_preferences(256, seed=0), marker_preferences(128, seed=1)
     sft_prompts = held_out["prompt"][:64]
     sft_completions = held_out["rejected"][:64]  # stand-in for SFT samples

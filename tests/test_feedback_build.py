@@ -32,14 +32,6 @@ pytestmark = pytest.mark.slow  # the module's tiny build trains four models (abo
 PACKAGE_ROOT = asset_dir("micro-v0", must_exist=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared machines: tiny models gain nothing from more (and oversubscribed threads crawl)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def task():
     return NewsTask()
@@ -60,8 +52,6 @@ def world_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(world_root):
     """Preference data and every feedback asset at a tiny scale (about a minute on one CPU thread)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     data = bf.build_preference_data(
         world_root, "cpu", 0, n_train_prompts=160, n_heldout_prompts=80, samples_per_prompt=2,
         temperatures=(0.7, 1.3), gen_batch_size=64, progress=False,
@@ -73,7 +63,6 @@ def tiny(world_root):
                    "judge": {"n_eval_pairs": 16, "n_constructed_eval_prompts": 4}},
         progress=False,
     )
-    torch.set_num_threads(n)
     return world_root, data, metrics
 
 
@@ -277,11 +266,8 @@ def marker_judge():
     build = lambda pr, x, ya, yb: ConstitutionJudge.build_prompt(  # noqa: E731
         type("T", (), {"template": MARKER_TEMPLATE})(), pr, x, ya, yb)
     texts, targets = bf.judge_examples(build, constitution, P, A, B, verdicts)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     history = bf.train_judge_lm(model, tok, texts, targets, answer_token_ids(tok, ("A", "B")), epochs=6, lr=3e-3,
                                 batch_size=32, device="cpu", seed=0, group_size=2 * len(constitution))
-    torch.set_num_threads(n)
     return model, tok, history
 
 

@@ -14,7 +14,6 @@ from rlhfgym.envs.lm import _position_ids
 from rlhfgym.envs.registration import register_envs
 from rlhfgym.envs.sb3 import make_sb3_vec_env
 
-torch.set_num_threads(1)
 register_envs()
 ENV_ID = "RLHF-Summarize-Gold-v0"
 
