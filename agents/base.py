@@ -61,6 +61,17 @@ class Agent(ABC):
     def learn(self, env, budget: int, callback: Callable[["Agent", dict], bool | None] | None = None) -> "Agent":
         """Train on ``env`` until ``budget`` completions are spent (or the callback says stop)."""
 
+    def policy_for(self, env, **from_env: Any):
+        """This agent's policy, made from the env's reference model on first use
+        (``CausalLMPolicy.from_env(env, device=self.device, **from_env)``), after checking that it
+        speaks the env's tokens (:func:`check_policy_env`)."""
+        if self.policy is None:
+            from .policy import CausalLMPolicy
+
+            self.policy = CausalLMPolicy.from_env(env, device=self.device, **from_env)
+        check_policy_env(self, self.policy, env)
+        return self.policy
+
     def check_budget(self, budget: int) -> int:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
             raise AgentError(f"{self.name}: budget must be a positive number of completions, got {budget!r}.")

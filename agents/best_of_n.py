@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Agent, AgentError, check_policy_env
+from .base import Agent, AgentError
 from .policy import CausalLMPolicy
 
 
@@ -54,9 +54,7 @@ class BestOfN(Agent):
         and ``progress_bar`` are accepted for a uniform interface and have nothing to do.
         """
         self.check_budget(budget)
-        if self.policy is None:
-            self.policy = CausalLMPolicy.from_env(env, device=self.device)
-        check_policy_env(self, self.policy, env)
+        self.policy_for(env)
         self.score_fn = env.unwrapped.score
         if checkpoint_dir is not None:
             self.save(checkpoint_dir)

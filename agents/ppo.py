@@ -56,7 +56,7 @@ from torch import nn
 
 from rlhfgym.envs.lm import _position_ids
 
-from .base import Agent, AgentError, TrainingRun, check_policy_env, load_train_state, reference_for, save_train_state
+from .base import Agent, AgentError, TrainingRun, load_train_state, reference_for, save_train_state
 from .policy import CausalLMPolicy
 
 KL_MODES = ("fixed", "adaptive")
@@ -175,10 +175,7 @@ class PPO(Agent):
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
             run.resume()
-            if self.policy is None:
-                self.policy = CausalLMPolicy.from_env(env, value_head=True, device=self.device)
-            policy = self.policy
-            check_policy_env(self, policy, env)
+            policy = self.policy_for(env, value_head=True)
             if policy.value_head is None:  # a policy given without one: add V(s) on its last hidden state
                 policy.value_head = nn.Linear(policy.model.config.hidden_size, 1).to(policy.device)
                 nn.init.zeros_(policy.value_head.weight), nn.init.zeros_(policy.value_head.bias)

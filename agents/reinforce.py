@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Agent, AgentError, TrainingRun, check_policy_env, load_train_state, reference_for, save_train_state
+from .base import Agent, AgentError, TrainingRun, load_train_state, reference_for, save_train_state
 from .policy import CausalLMPolicy
 from .ppo import _gold, _rng_state, _set_rng_state, _train_prompts
 
@@ -114,10 +114,7 @@ class Reinforce(Agent):
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
             run.resume()
-            if self.policy is None:
-                self.policy = CausalLMPolicy.from_env(env, device=self.device)
-            policy = self.policy
-            check_policy_env(self, policy, env)
+            policy = self.policy_for(env)
             ref = reference_for(policy, env)
             core = env.unwrapped
             beta = core.kl_coef if c["kl_coef"] is None else c["kl_coef"]

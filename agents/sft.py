@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Agent, AgentError, TrainingRun, check_policy_env, load_train_state, save_train_state
+from .base import Agent, AgentError, TrainingRun, load_train_state, save_train_state
 from .policy import CausalLMPolicy
 from .ppo import _rng_state, _set_rng_state
 
@@ -132,10 +132,7 @@ class SFT(Agent):
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
             run.resume()
-            if self.policy is None:
-                self.policy = CausalLMPolicy.from_env(env, device=self.device)
-            policy = self.policy
-            check_policy_env(self, policy, env)
+            policy = self.policy_for(env)
             self.optimizer = torch.optim.AdamW(policy.parameters(), lr=c["learning_rate"], weight_decay=c["weight_decay"])
             state = self._train_state or {}
             if "optimizer" in state:
