@@ -939,7 +939,7 @@ def _judge_pairs(data: PreferenceData, n_pairs: int, constructed_frac: float, rn
     sft_of = dict(zip(*data.sft_train))
     idx = data.train_indices
     task = data.task
-    for j in range(n_constructed):
+    for _ in range(n_constructed):
         i = idx[rng.randrange(len(idx))]
         prompt = task.prompt("train", i)
         pool = _constructed(task, "train", i, rng)
@@ -1217,13 +1217,18 @@ def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of a :func:`build_all_feedback` result that the manifest and README quote."""
     keys = ("heldout_accuracy", "accuracy_over_ceiling", "heldout_majority_agreement", "sft_t1_spearman", "seconds")
     out: dict[str, Any] = {}
+    def data_summary(d):
+        return {"n_train_prompts": d["n_train_prompts"], "n_train_pairs": d["n_train_pairs"],
+                "n_heldout_pairs": d["n_heldout_pairs"], "bayes_ceiling": d["bayes_ceiling"]["exact"],
+                "seconds": d["seconds"]}
+
     if "preference_data" in metrics:
-        d = metrics["preference_data"]
-        out["preference_data"] = {"n_train_pairs": d["n_train_pairs"], "n_heldout_pairs": d["n_heldout_pairs"],
-                                  "bayes_ceiling": d["bayes_ceiling"]["exact"], "seconds": d["seconds"]}
+        out["preference_data"] = data_summary(metrics["preference_data"])
     for step in FEEDBACK_STEPS:
         if step in metrics:
             out[step] = {k: metrics[step][k] for k in keys if k in metrics[step]}
+            if "preference_data" in metrics[step]:
+                out[step]["preference_data"] = data_summary(metrics[step]["preference_data"])
     return out
 
 
@@ -1294,6 +1299,8 @@ def build_all_feedback(
     if "judge" in steps:
         metrics["judge"] = build_judge(root, device, seed, **kw(
             "judge", data=data, n_pairs=judge_pairs, epochs=judge_epochs, batch_size=judge_batch_size, n_layers=n_layers))
+    for step in steps:  # the shared entry is the latest data; each model keeps the data it learned from
+        metrics[step]["preference_data"] = data.metrics
     metrics["preference_cycle"] = measure_preference_cycle(cycle_prompts, seed=seed)
     size = asset_bytes(root)
     metrics["asset_bytes"] = size

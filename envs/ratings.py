@@ -197,7 +197,7 @@ def fit_bradley_terry(
     center = np.eye(n) - 1.0 / n  # projector onto mean-zero vectors (only differences are identified)
     lp = _log_posterior(theta, W, prior)
     converged, it = False, 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007  (it is reported after the loop)
         P = 1.0 / (1.0 + np.exp(-(theta[:, None] - theta[None, :])))  # P[i, j] = P(i beats j)
         grad = W.sum(1) - (N * P).sum(1) - prior * theta
         V = N * P * P.T  # Var of each game's outcome, weighted by games played

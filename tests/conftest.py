@@ -10,6 +10,8 @@ Nothing is downloaded; everything is built in a session temp dir in well under a
 * ``tiny_lm_dir``: a 2-layer random ``LlamaForCausalLM`` (hidden 32) saved with
   ``save_pretrained``, together with the tokenizer, so both load from the same path.
 * ``tiny_lm``: a fresh copy of that model, loaded from ``tiny_lm_dir`` (eval mode, CPU).
+* ``fb_tokenizer``, ``fb_lm_dir``: the feedback tests' tokenizer (marker words "good"/"bad", answer
+  letters) and a tiny random LM saved with it (tests/feedback_fixtures.py builds them).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import random
 
 import pytest
 
+from feedback_fixtures import make_lm, make_tokenizer
 from rlhfgym.envs.tasks.base import SPLITS, Task
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -144,3 +147,17 @@ def tiny_lm(tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def fb_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def fb_lm_dir(tmp_path_factory, fb_tokenizer):
+    """A saved tiny random causal LM + tokenizer (save_pretrained format), like an SFT checkpoint."""
+    path = tmp_path_factory.mktemp("tiny_lm")
+    make_lm(fb_tokenizer).save_pretrained(path)
+    fb_tokenizer.save_pretrained(path)
+    return path

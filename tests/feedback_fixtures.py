@@ -1,14 +1,12 @@
 """Tiny, offline fixtures for the feedback tests (labelers, reward / preference models, judge).
 
 A word-level tokenizer and a 2-layer random Llama built in a temp dir: no downloads, seconds on CPU.
-Import the fixtures into a test module with ``from feedback_fixtures import ...``.
+The fixtures built from them (``fb_tokenizer``, ``fb_lm_dir``) live in conftest.py.
 """
 
 from __future__ import annotations
 
 import random
-
-import pytest
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 WORDS = [f"w{i}" for i in range(24)]
@@ -52,17 +50,3 @@ def marker_preferences(n: int, seed: int):
         chosen.append(" ".join(good))
         rejected.append(" ".join(bad))
     return make_preferences(prompts, chosen, rejected, labeler_id="marker-rule")
-
-
-@pytest.fixture(scope="session")
-def fb_tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="session")
-def fb_lm_dir(tmp_path_factory, fb_tokenizer):
-    """A saved tiny random causal LM + tokenizer (save_pretrained format), like an SFT checkpoint."""
-    path = tmp_path_factory.mktemp("tiny_lm")
-    make_lm(fb_tokenizer).save_pretrained(path)
-    fb_tokenizer.save_pretrained(path)
-    return path

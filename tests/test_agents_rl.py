@@ -205,7 +205,7 @@ def test_missing_eos_penalty(env):
     for agent in (PPO(batch_size=4, mini_batch_size=4, ppo_epochs=1, missing_eos_penalty=1.0),
                   Reinforce(batch_size=4, missing_eos_penalty=1.0)):
         seen = []
-        agent.learn(short, 4, callback=lambda a, m: seen.append(m), progress_bar=False)
+        agent.learn(short, 4, callback=lambda a, m, log=seen: log.append(m), progress_bar=False)
         assert seen[0]["eos_rate"] == 0.0
         assert seen[0]["reward"] == pytest.approx(seen[0]["score"] - 1.0)
 

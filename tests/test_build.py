@@ -1,9 +1,7 @@
 """Asset builds: a tiny end-to-end build verifies and loads; the shipped assets verify."""
 
-import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhfgym.envs.assets import AssetError, load_micro_assets, verify_manifest

@@ -13,15 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from feedback_fixtures import (  # noqa: F401  (fixtures are used by name)
-    ANTI,
-    MARKER,
-    fb_lm_dir,
-    fb_tokenizer,
-    make_lm,
-    make_tokenizer,
-    marker_preferences,
-)
+from feedback_fixtures import ANTI, MARKER, make_lm, make_tokenizer, marker_preferences
 from rlhfgym.envs.judge import (
     ConstitutionError,
     ConstitutionJudge,
