@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -221,7 +222,7 @@ FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "held
 
 def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 0, device: str = "cpu",
                  only: str | None = None, sft_config: SFTConfig | None = None, progress: bool = True,
-                 eval_articles: int = 200, feedback: dict | None = None) -> Path:
+                 eval_articles: int = 200, feedback: dict | None = None, work_dir=None) -> Path:
     """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir).
 
     ``only``: comma-separated :data:`~.assets.COMPONENTS` (``"feedback"`` = the four feedback
@@ -229,6 +230,10 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     and sample their preference data from it; ``feedback`` sets that data's scale (keys
     :data:`FEEDBACK_SCALE_FLAGS`, e.g. ``{"n_train_prompts": 8000}``). The manifest is rewritten
     last; it keeps the build record (command, machine, date) of the parts not rebuilt.
+
+    Feedback parts are resumable: their sampled data, finished parts and snapshots of the model in
+    training are kept in ``work_dir`` (default :func:`~.resume.default_work_dir`), so the same
+    command run again after a kill goes on where it stopped. The work dir is deleted on success.
     """
     from .assets import COMPONENTS, FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir
 
@@ -273,8 +278,15 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     if steps:
         from .build_feedback import build_all_feedback, headline_metrics
 
-        fb = build_all_feedback(target, device, seed, steps=steps, progress=progress, **feedback)
+        from .resume import default_work_dir
+
+        work = Path(work_dir) if work_dir is not None else default_work_dir(target, version)
+        if progress:
+            print(f"[build-assets] resumable state in {work}: if this build is killed, the same command goes on from there",
+                  flush=True)
+        fb = build_all_feedback(target, device, seed, steps=steps, progress=progress, work_dir=work, **feedback)
         extra["feedback_metrics"] = headline_metrics(fb)
+        shutil.rmtree(work, ignore_errors=True)
     command = f"rlhf-zoo build-assets --version {version} --seed {seed} --device {device} --only {','.join(names)}"
     if steps:
         command += "".join(f" --{FEEDBACK_SCALE_FLAGS[k]} {v}" for k, v in sorted(feedback.items()))

@@ -593,10 +593,12 @@ def build_reward_model(
     n_layers: int | None = 3,
     soft_labels: bool = True,
     n_normalise: int = 4096,
+    checkpoint_dir=None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the Bradley-Terry reward model into ``root/"reward"`` (``facts=True``: ``root/"reward_fact"``,
-    the input starts with the article's key facts, :func:`~.reward_model.prepend_facts`). Returns metrics."""
+    the input starts with the article's key facts, :func:`~.reward_model.prepend_facts`). Returns metrics.
+    ``checkpoint_dir``: resumable snapshots of the training loop (:class:`~.resume.LoopCheckpoint`)."""
     from transformers import PreTrainedTokenizerFast
 
     from .ratings import pearson, spearman
@@ -615,7 +617,7 @@ def build_reward_model(
     norm = (norm_p[:n_normalise], norm_c[:n_normalise])
     rm = train_reward_model(
         backbone, tokenizer, train, heldout, epochs=epochs, lr=lr, batch_size=batch_size, device=device,
-        seed=seed, progress=progress, format_input=fmt, max_length=256, normalise_on=norm,
+        seed=seed, progress=progress, format_input=fmt, max_length=256, normalise_on=norm, checkpoint_dir=checkpoint_dir,
     )
     t_train = time.time() - t0
     _round_fp16_(rm.model)
@@ -691,6 +693,7 @@ def build_preference_model(
     n_layers: int | None = 3,
     soft_labels: bool = True,
     max_pairs: int | None = None,
+    checkpoint_dir=None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the two-argument preference model into ``root/"preference"``; returns metrics.
@@ -712,7 +715,8 @@ def build_preference_model(
         train = train.select(sorted(random.Random(seed).sample(range(len(train)), max_pairs)))
     heldout = data.heldout.records(soft=False)
     pm = train_preference_model(backbone, tokenizer, train, heldout, epochs=epochs, lr=lr, batch_size=batch_size,
-                                device=device, seed=seed, progress=progress, max_prompt_tokens=128, max_completion_tokens=48)
+                                device=device, seed=seed, progress=progress, max_prompt_tokens=128, max_completion_tokens=48,
+                                checkpoint_dir=checkpoint_dir)
     t_train = time.time() - t0
     _round_fp16_(pm.model)
     ev = evaluate_preference_model(pm, heldout)
@@ -985,7 +989,7 @@ def _answer_diff(model, ids, mask, answer_ids):
 
 
 def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, batch_size, device, seed,
-                   group_size: int = 1, progress=False):
+                   group_size: int = 1, progress=False, checkpoint_dir=None):
     """Fine-tune a causal LM to answer judge questions: soft cross-entropy between the target
     P(answer A) and sigmoid(logit A - logit B) at the last token (right padding, as the judge reads
     it). AdamW, 5% warm-up, linear decay; returns one dict of metrics per epoch.
@@ -993,7 +997,9 @@ def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, 
     ``group_size``: consecutive examples that are shuffled as one block and so share a batch (the
     same pair under every principle and order, :func:`judge_examples`): within a batch the only
     thing that tells the questions of a group apart is the principle text and the option order,
-    so the gradient teaches the model to read exactly those."""
+    so the gradient teaches the model to read exactly those. ``checkpoint_dir``: resumable
+    snapshots of the loop (:class:`~.resume.LoopCheckpoint`), deleted at the end."""
+    from .resume import LoopCheckpoint
     from .reward_model import pad_right, soft_bt_loss
 
     seqs = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
@@ -1011,13 +1017,24 @@ def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / max(steps, 1)))
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=steps, desc="judge", disable=not progress, leave=False)
-    history = []
+    ckpt = LoopCheckpoint(checkpoint_dir, {"kind": "judge", "n": n, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                           "seed": seed, "group_size": group_size})
+    done, state = ckpt.restore(model, opt, sched)
+    history = list(state.get("history", []))
+    bar = tqdm(total=steps, initial=done, desc="judge", disable=not progress, leave=False)
+    steps_per_epoch = steps // epochs
+    step = 0
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(n_groups, generator=gen).tolist()
-        loss_sum = acc_sum = decided = 0.0
+        if done >= (epoch + 1) * steps_per_epoch and len(history) > epoch:
+            step += steps_per_epoch  # the snapshot holds this whole epoch
+            continue
+        loss_sum, acc_sum, decided = state.get("sums", (0.0, 0.0, 0.0)) if done > epoch * steps_per_epoch else (0.0, 0.0, 0.0)
         for s in range(0, n_groups, groups_per_batch):
+            step += 1
+            if step <= done:
+                continue  # resuming: this batch is in the snapshot
             idx = [g * group_size + r for g in perm[s : s + groups_per_batch] for r in range(group_size)]
             ids, mask = pad_right([seqs[i] for i in idx], pad, device)
             d = _answer_diff(model, ids, mask, answer_ids)
@@ -1034,8 +1051,10 @@ def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, 
             decided += dec.sum().item()
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            ckpt.maybe_save(step, model, opt, sched, {"history": history, "sums": (loss_sum, acc_sum, decided)})
         history.append({"epoch": epoch, "train_loss": loss_sum / n, "train_checker_accuracy": acc_sum / max(decided, 1)})
     bar.close()
+    ckpt.clear()
     model.eval()
     return history
 
@@ -1126,6 +1145,7 @@ def build_judge(
     lr: float = 1e-3,
     batch_size: int = 256,
     n_layers: int | None = 3,
+    checkpoint_dir=None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the constitution judge LM into ``root/"judge"``; returns metrics.
@@ -1162,7 +1182,8 @@ def build_judge(
     P, A, B, ca, cb = _judge_pairs(data, n_pairs, constructed_frac, rng)
     texts, targets = judge_examples(build_prompt, constitution, P, A, B, checker_verdicts(ca, cb, constitution.names))
     history = train_judge_lm(model, tokenizer, texts, targets, answer_ids, epochs=epochs, lr=lr, batch_size=batch_size,
-                             device=device, seed=seed, group_size=2 * len(constitution), progress=progress)
+                             device=device, seed=seed, group_size=2 * len(constitution), progress=progress,
+                             checkpoint_dir=checkpoint_dir)
     t_train = time.time() - t0
     _round_fp16_(model)
     model.to("cpu")
@@ -1232,6 +1253,67 @@ def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _sft_checksum(root: Path) -> str | None:
+    """sha256 of the SFT weights the feedback data is sampled from (None when not built)."""
+    from .assets import sha256_file
+
+    path = root / "sft" / "model.safetensors"
+    return sha256_file(path) if path.is_file() else None
+
+
+class _BuildWork:
+    """The resumable state of one :func:`build_all_feedback` call in ``work_dir`` (None: off):
+    ``build.json`` (the call's arguments), ``preference_data.pkl``, ``<step>.metrics.json`` for
+    finished steps and ``<step>/`` snapshots of the step in progress."""
+
+    def __init__(self, work_dir, fingerprint: dict[str, Any], progress: bool):
+        self.dir = Path(work_dir) if work_dir is not None else None
+        self.progress = progress
+        if self.dir is None:
+            return
+        meta = self.dir / "build.json"
+        if meta.is_file() and json.loads(meta.read_text()) != fingerprint:
+            _log(progress, f"{self.dir} holds a build with other arguments (or another SFT model): starting afresh")
+            import shutil
+
+            shutil.rmtree(self.dir)
+        elif meta.is_file():
+            _log(progress, f"resuming the build kept in {self.dir}")
+        atomic_write_text(meta, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    def loop_dir(self, step: str) -> Path | None:
+        return self.dir / step if self.dir is not None else None
+
+    def load_data(self) -> PreferenceData | None:
+        path = self.dir / "preference_data.pkl" if self.dir is not None else None
+        if path is None or not path.is_file():
+            return None
+        import pickle
+
+        _log(self.progress, f"preference data from {path} (sampled by the interrupted build)")
+        return pickle.loads(path.read_bytes())  # our own file, written by save_data below
+
+    def save_data(self, data: PreferenceData) -> None:
+        if self.dir is not None:
+            import pickle
+
+            from .assets import atomic_write_bytes
+
+            atomic_write_bytes(self.dir / "preference_data.pkl", pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def finished(self, step: str, root: Path) -> dict[str, Any] | None:
+        """The metrics of ``step`` if an earlier run of this build finished it (and its part is in ``root``)."""
+        path = self.dir / f"{step}.metrics.json" if self.dir is not None else None
+        if path is None or not path.is_file() or not (root / step).is_dir():
+            return None
+        _log(self.progress, f"{step}: finished by the interrupted build, kept")
+        return json.loads(path.read_text())
+
+    def finish(self, step: str, metrics: dict[str, Any]) -> None:
+        if self.dir is not None:
+            atomic_write_text(self.dir / f"{step}.metrics.json", _json(metrics))
+
+
 def build_all_feedback(
     root=None,
     device: str = "cpu",
@@ -1254,6 +1336,7 @@ def build_all_feedback(
     data: PreferenceData | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     steps: Sequence[str] = FEEDBACK_STEPS,
+    work_dir=None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the preference-data step, then ``steps`` (default all: reward, reward_fact, preference,
@@ -1263,7 +1346,11 @@ def build_all_feedback(
     ``overrides`` passes extra keyword arguments to single steps, keyed ``"preference_data"``,
     ``"reward"``, ``"reward_fact"``, ``"preference"``, ``"judge"`` (e.g. ``{"judge": {"lr": 1e-3}}``).
     ``data``: preference data from an earlier :func:`build_preference_data` (skips that step).
-    The caller then rewrites the manifest (``assets.write_manifest``) so the new files are listed.
+    ``work_dir``: make the build resumable. The sampled preference data, the metrics of each
+    finished step and snapshots of the step in progress are kept there, so running the same call
+    again after a kill goes on where it stopped; a work dir left by a call with other arguments is
+    emptied first. The caller deletes it after success. The caller then rewrites the manifest
+    (``assets.write_manifest``) so the new files are listed.
     """
     t0 = time.time()
     root = _root(root)
@@ -1278,10 +1365,19 @@ def build_all_feedback(
     def kw(step: str, **defaults):
         return {**defaults, "progress": progress, **overrides.get(step, {})}
 
+    work = _BuildWork(work_dir, {
+        "seed": seed, "steps": sorted(steps), "sft": _sft_checksum(root), "n_train_prompts": n_train_prompts,
+        "n_heldout_prompts": n_heldout_prompts, "samples_per_prompt": samples_per_prompt, "rm_epochs": rm_epochs,
+        "pm_epochs": pm_epochs, "pm_max_pairs": pm_max_pairs, "judge_pairs": judge_pairs, "judge_epochs": judge_epochs,
+        "batch_size": batch_size, "judge_batch_size": judge_batch_size, "n_layers": n_layers,
+        "overrides": json.loads(_json(overrides)), "given_data": data is not None}, progress)
+    if data is None:
+        data = work.load_data()
     if data is None:
         data = build_preference_data(root, device, seed, **kw(
             "preference_data", n_train_prompts=n_train_prompts, n_heldout_prompts=n_heldout_prompts,
             samples_per_prompt=samples_per_prompt, gen_batch_size=gen_batch_size, data_dir=data_dir))
+        work.save_data(data)
     elif not isinstance(data, PreferenceData):
         raise TypeError(f"data must be what build_preference_data returned, got {type(data).__name__}.")
     metrics: dict[str, Any] = {}
@@ -1289,16 +1385,23 @@ def build_all_feedback(
         metrics = json.loads((root / METRICS_NAME).read_text())  # a partial rebuild keeps the other steps' numbers
     metrics.update({"seed": seed, "device": str(device), "preference_data": data.metrics})
     model_kw = dict(data=data, batch_size=batch_size, n_layers=n_layers)
-    if "reward" in steps:
-        metrics["reward"] = build_reward_model(root, device, seed, **kw("reward", epochs=rm_epochs, **model_kw))
-    if "reward_fact" in steps:
-        metrics["reward_fact"] = build_fact_reward_model(root, device, seed, **kw("reward_fact", epochs=rm_epochs, **model_kw))
-    if "preference" in steps:
-        metrics["preference"] = build_preference_model(root, device, seed, **kw(
-            "preference", epochs=pm_epochs, max_pairs=pm_max_pairs, **model_kw))
-    if "judge" in steps:
-        metrics["judge"] = build_judge(root, device, seed, **kw(
-            "judge", data=data, n_pairs=judge_pairs, epochs=judge_epochs, batch_size=judge_batch_size, n_layers=n_layers))
+    builders = {
+        "reward": lambda: build_reward_model(root, device, seed, **kw(
+            "reward", epochs=rm_epochs, checkpoint_dir=work.loop_dir("reward"), **model_kw)),
+        "reward_fact": lambda: build_fact_reward_model(root, device, seed, **kw(
+            "reward_fact", epochs=rm_epochs, checkpoint_dir=work.loop_dir("reward_fact"), **model_kw)),
+        "preference": lambda: build_preference_model(root, device, seed, **kw(
+            "preference", epochs=pm_epochs, max_pairs=pm_max_pairs, checkpoint_dir=work.loop_dir("preference"), **model_kw)),
+        "judge": lambda: build_judge(root, device, seed, **kw(
+            "judge", data=data, n_pairs=judge_pairs, epochs=judge_epochs, batch_size=judge_batch_size, n_layers=n_layers,
+            checkpoint_dir=work.loop_dir("judge"))),
+    }
+    for step in FEEDBACK_STEPS:
+        if step in steps:
+            metrics[step] = work.finished(step, root)
+            if metrics[step] is None:
+                metrics[step] = builders[step]()
+                work.finish(step, metrics[step])
     for step in steps:  # the shared entry is the latest data; each model keeps the data it learned from
         metrics[step]["preference_data"] = data.metrics
     metrics["preference_cycle"] = measure_preference_cycle(cycle_prompts, seed=seed)

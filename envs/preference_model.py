@@ -174,12 +174,15 @@ def train_preference_model(
     max_completion_tokens: int = 128,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    checkpoint_dir=None,
 ) -> PreferenceModel:
     """Supervised training of a :class:`PreferenceModel` on preference records (soft labels).
 
-    Same arguments as :func:`~rlhfgym.envs.reward_model.train_reward_model`; ``pm.history`` holds
-    one dict of metrics per epoch.
+    Same arguments as :func:`~rlhfgym.envs.reward_model.train_reward_model` (``checkpoint_dir``:
+    resumable snapshots of the loop); ``pm.history`` holds one dict of metrics per epoch.
     """
+    from .resume import LoopCheckpoint
+
     seed_everything(seed)
     device = resolve_device(device)
     model = load_scalar_model(backbone_or_path, tokenizer).to(device)
@@ -194,12 +197,24 @@ def train_preference_model(
     total = epochs * math.ceil(n / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(total, 1))
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total, desc="preference model", disable=not progress, leave=False)
+    ckpt = LoopCheckpoint(checkpoint_dir, {"kind": "preference model", "n": n, "epochs": epochs, "lr": lr,
+                                           "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay})
+    done, state = ckpt.restore(model, optimizer, scheduler)
+    pm.history = list(state.get("history", []))
+    steps_per_epoch = math.ceil(n / batch_size)
+    bar = tqdm(total=total, initial=done, desc="preference model", disable=not progress, leave=False)
+    step = 0
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen).tolist()
-        loss_sum, acc_sum = 0.0, 0.0
+        if done >= (epoch + 1) * steps_per_epoch and len(pm.history) > epoch:
+            step += steps_per_epoch  # the snapshot holds this whole epoch
+            continue
+        loss_sum, acc_sum = state.get("sums", (0.0, 0.0)) if done > epoch * steps_per_epoch else (0.0, 0.0)
         for s in range(0, n, batch_size):
+            step += 1
+            if step <= done:
+                continue  # resuming: this batch is in the snapshot
             idx = perm[s : s + batch_size]
             logit = pm.logit([fwd[i] for i in idx], [rev[i] for i in idx])  # log-odds of chosen > rejected
             p = label_prob[idx]
@@ -213,12 +228,14 @@ def train_preference_model(
             acc_sum += ((logit > 0) == (p > 0.5)).float().sum().item()
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            ckpt.maybe_save(step, model, optimizer, scheduler, {"history": pm.history, "sums": (loss_sum, acc_sum)})
         record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": acc_sum / n}
         if eval_prefs is not None and len(eval_prefs):
             ev = evaluate_preference_model(pm, eval_prefs)
             record.update({"eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"]})
         pm.history.append(record)
     bar.close()
+    ckpt.clear()
     model.eval()
     return pm
 

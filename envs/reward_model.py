@@ -427,6 +427,7 @@ def train_reward_model(
     max_grad_norm: float = 1.0,
     normalise_on: tuple[Sequence[str], Sequence[str]] | None = None,
     unit_std: bool = False,
+    checkpoint_dir=None,
 ) -> RewardModel:
     """Train a Bradley-Terry reward model with the soft-label loss; returns a :class:`RewardModel`.
 
@@ -435,7 +436,11 @@ def train_reward_model(
     ``eval_prefs``: preference datasets (:mod:`.preferences`). After training, rewards are shifted
     so that ``normalise_on = (prompts, sft_completions)`` score mean 0 (Gao et al.); without it the
     completions of ``train_prefs`` are used. ``rm.history`` holds one dict of metrics per epoch.
+    ``checkpoint_dir``: snapshot the loop there every few minutes and resume from it when the same
+    training runs again (:class:`~.resume.LoopCheckpoint`); deleted when training ends.
     """
+    from .resume import LoopCheckpoint
+
     seed_everything(seed)
     device = resolve_device(device)
     model = load_scalar_model(backbone_or_path, tokenizer).to(device)
@@ -457,12 +462,23 @@ def train_reward_model(
     # linear decay to 0: the usual RM schedule (InstructGPT / summarize-from-feedback replications)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(total, 1))
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total, desc="reward model", disable=not progress, leave=False)
+    ckpt = LoopCheckpoint(checkpoint_dir, {"kind": "reward model", "n": n, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                           "seed": seed, "weight_decay": weight_decay, "max_length": max_length})
+    done, state = ckpt.restore(model, optimizer, scheduler)
+    rm.history = list(state.get("history", []))
+    bar = tqdm(total=total, initial=done, desc="reward model", disable=not progress, leave=False)
+    step = 0
     for epoch in range(epochs):
         model.train()
         order = [i for g in torch.randperm(len(groups), generator=gen).tolist() for i in groups[g]]
-        loss_sum, acc_sum = 0.0, 0.0
+        if done >= (epoch + 1) * steps_per_epoch and len(rm.history) > epoch:
+            step += steps_per_epoch  # the snapshot holds this whole epoch
+            continue
+        loss_sum, acc_sum = state.get("sums", (0.0, 0.0)) if done > epoch * steps_per_epoch else (0.0, 0.0)
         for s in range(0, n, batch_size):
+            step += 1
+            if step <= done:
+                continue  # resuming: this batch is in the snapshot
             idx = order[s : s + batch_size]
             # one forward over the batch's distinct sequences, so chosen and rejected see the same weights
             distinct = list(dict.fromkeys([chosen[i] for i in idx] + [rejected[i] for i in idx]))
@@ -481,12 +497,14 @@ def train_reward_model(
             acc_sum += ((r_w > r_l) == (p > 0.5)).float().sum().item()
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+            ckpt.maybe_save(step, model, optimizer, scheduler, {"history": rm.history, "sums": (loss_sum, acc_sum)})
         record = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": acc_sum / n}
         if eval_prefs is not None and len(eval_prefs):
             ev = evaluate_reward_model(rm, eval_prefs)
             record.update({"eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"]})
         rm.history.append(record)
     bar.close()
+    ckpt.clear()
     model.eval()
     if normalise_on is None:
         normalise_on = (list(train_prefs["prompt"]) * 2, list(train_prefs["chosen"]) + list(train_prefs["rejected"]))

@@ -33,6 +33,20 @@ TOY_VOCAB = [PAD, EOS, UNK, "summarize", ":", "tl;dr", ".", "in", "today", ",", 
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Builds keep their resumable state under $RLHF_GYM_CACHE: a temp dir, never the user's cache."""
+    import os
+
+    old = os.environ.get("RLHF_GYM_CACHE")
+    os.environ["RLHF_GYM_CACHE"] = str(tmp_path_factory.mktemp("rlhf-gym-cache"))
+    yield
+    if old is None:
+        os.environ.pop("RLHF_GYM_CACHE", None)
+    else:
+        os.environ["RLHF_GYM_CACHE"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Every test runs torch on one thread: its models are tiny (more threads only add overhead)
     and CI machines are shared (oversubscribed threads crawl)."""

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhfgym.envs.assets import AssetError, load_micro_assets, verify_manifest
 from rlhfgym.envs.build import SFTConfig, build_assets, build_tokenizer, make_sft_data
+from rlhfgym.envs.resume import default_work_dir
 from rlhfgym.envs.tasks.news import NewsTask, world_words
 
 
@@ -55,6 +56,7 @@ def test_tiny_build_end_to_end(tmp_path):
         build_assets(out=str(root), only="sft", sft_config=cfg, progress=False, eval_articles=4)
     manifest = verify_manifest(root)
     assert "reward/model.safetensors" in manifest["files"]
+    assert not default_work_dir(root, "micro-v0").exists()  # the resumable state is gone after success
     assert manifest["parts"]["reward"]["command"].endswith("--only reward --gen-batch-size 64 --heldout-prompts 6 --prompts 12")
     assert manifest["parts"]["tokenizer"]["command"] != manifest["parts"]["reward"]["command"]
     assert manifest["feedback_metrics"]["reward"]["heldout_accuracy"] >= 0
