@@ -979,15 +979,6 @@ def judge_examples(build_prompt, constitution, prompts, a, b, verdicts):
     return texts, np.array(targets, dtype=np.float32)
 
 
-def _answer_diff(model, ids, mask, answer_ids):
-    """logit(A) - logit(B) at the last real token of each right-padded row (what the judge reads)."""
-    h = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    last = mask.sum(1) - 1
-    h_last = h[torch.arange(ids.shape[0], device=ids.device), last]
-    logits = model.lm_head(h_last).float()
-    return logits[:, answer_ids[0]] - logits[:, answer_ids[1]]
-
-
 def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, batch_size, device, seed,
                    group_size: int = 1, progress=False, checkpoint_dir=None):
     """Fine-tune a causal LM to answer judge questions: soft cross-entropy between the target
@@ -999,8 +990,9 @@ def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, 
     thing that tells the questions of a group apart is the principle text and the option order,
     so the gradient teaches the model to read exactly those. ``checkpoint_dir``: resumable
     snapshots of the loop (:class:`~.resume.LoopCheckpoint`), deleted at the end."""
+    from .judge import answer_logit_diff
     from .resume import LoopCheckpoint
-    from .reward_model import pad_right, soft_bt_loss
+    from .reward_model import soft_bt_loss
 
     seqs = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
     y = torch.tensor(targets, dtype=torch.float32, device=device)
@@ -1036,8 +1028,7 @@ def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, 
             if step <= done:
                 continue  # resuming: this batch is in the snapshot
             idx = [g * group_size + r for g in perm[s : s + groups_per_batch] for r in range(group_size)]
-            ids, mask = pad_right([seqs[i] for i in idx], pad, device)
-            d = _answer_diff(model, ids, mask, answer_ids)
+            d = answer_logit_diff(model, [seqs[i] for i in idx], answer_ids, pad, device, group_size)
             p = y[idx]
             loss = soft_bt_loss(d, p)
             opt.zero_grad(set_to_none=True)

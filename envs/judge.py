@@ -197,6 +197,45 @@ def answer_token_ids(tokenizer, answer_tokens: Sequence[str]) -> list[int]:
 Reference = Callable[[str], str] | Mapping[str, str] | Sequence[str]
 
 
+def answer_logit_diff(model, seqs: Sequence[Sequence[int]], answer_ids: Sequence[int], pad_id: int,
+                      device, group_size: int = 1) -> torch.Tensor:
+    """(N,) logit(A) − logit(B) for the next token after each pre-tokenised question (the log-odds
+    of answering A); differentiable, so training uses it too.
+
+    ``group_size`` > 1: consecutive groups of that many questions share their opening (the 2K
+    questions about one pair repeat the same request and article under K principles and two
+    orders). The longest common prefix of each group is run once and its KV cache repeated for
+    the group, then only the rest of each question is run on top, with positions continuing after
+    the prefix. Same numbers as one full pass per question; about half the work for judge
+    questions, whose article is most of their length."""
+    n = len(seqs)
+    if group_size <= 1 or n % group_size:
+        ids, mask = pad_right(seqs, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last = logits[torch.arange(n, device=ids.device), mask.sum(1) - 1].float()
+        return last[:, answer_ids[0]] - last[:, answer_ids[1]]
+    groups = [seqs[g : g + group_size] for g in range(0, n, group_size)]
+    shared = []
+    for grp in groups:  # the common prefix, leaving at least one token of each question to run
+        k, limit = 0, min(len(q) for q in grp) - 1
+        while k < limit and all(q[k] == grp[0][k] for q in grp[1:]):
+            k += 1
+        shared.append(k)
+    if min(shared) == 0:  # nothing to share in some group: one plain pass
+        return answer_logit_diff(model, seqs, answer_ids, pad_id, device, group_size=1)
+    p_ids, p_mask = pad_right([grp[0][:k] for grp, k in zip(groups, shared)], pad_id, device)
+    cache = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(group_size)
+    rest = [q[k:] for grp, k in zip(groups, shared) for q in grp]
+    r_ids, r_mask = pad_right(rest, pad_id, device)
+    start = torch.tensor(shared, device=r_ids.device).repeat_interleave(group_size)
+    positions = start[:, None] + torch.arange(r_ids.shape[1], device=r_ids.device)[None, :]
+    mask = torch.cat([p_mask.repeat_interleave(group_size, dim=0), r_mask], dim=1)  # prefix pads are holes
+    logits = model(input_ids=r_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+    last = logits[torch.arange(n, device=r_ids.device), r_mask.sum(1) - 1].float()
+    return last[:, answer_ids[0]] - last[:, answer_ids[1]]
+
+
 class ConstitutionJudge:
     """AI preference labels from a causal LM and a constitution.
 
@@ -252,21 +291,19 @@ class ConstitutionJudge:
             out = out.replace(key, value)
         return out
 
-    def _answer_logit_diff(self, texts: Sequence[str]) -> torch.Tensor:
-        """logit("A") - logit("B") at the next position after each text: log-odds of answering A."""
+    def _answer_logit_diff(self, texts: Sequence[str], group_size: int = 1) -> torch.Tensor:
+        """logit("A") - logit("B") at the next position after each text: log-odds of answering A.
+        Groups of ``group_size`` consecutive texts about one pair share their common opening."""
         out = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for s in range(0, len(texts), self.batch_size):
-            chunk = texts[s : s + self.batch_size]
+        step = max(1, self.batch_size // group_size) * group_size  # whole groups per batch
+        for s in range(0, len(texts), step):
+            chunk = texts[s : s + step]
             seqs = self.tokenizer(list(chunk), add_special_tokens=True)["input_ids"]
             if self.max_length is not None:
                 seqs = [q[-self.max_length :] for q in seqs]  # keep the answer cue at the end
-            ids, mask = pad_right(seqs, pad, self.device)
             with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-            last = mask.sum(1) - 1  # right padding: the last real token of each row
-            next_logits = logits[torch.arange(len(seqs), device=self.device), last].float()
-            out.append(next_logits[:, self.answer_ids[0]] - next_logits[:, self.answer_ids[1]])
+                out.append(answer_logit_diff(self.model, seqs, self.answer_ids, pad, self.device, group_size))
         return torch.cat(out).cpu()
 
     def per_principle(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
@@ -274,15 +311,16 @@ class ConstitutionJudge:
         if not len(prompts) == len(a) == len(b):
             raise ValueError(f"prompts, a and b must have one entry per pair; got {len(prompts)}, {len(a)}, {len(b)}.")
         n, K = len(prompts), len(self.constitution)
-        texts = [self.build_prompt(pr, x, ya, yb) for pr in self.constitution for x, ya, yb in zip(prompts, a, b)]
-        if self.debias:
-            texts += [self.build_prompt(pr, x, yb, ya) for pr in self.constitution for x, ya, yb in zip(prompts, a, b)]
-        d = self._answer_logit_diff(texts)
+        orders = 2 if self.debias else 1
+        # pair-major: the K x orders questions about one pair are consecutive and share the request
+        texts = [self.build_prompt(pr, x, *((ya, yb), (yb, ya))[o])
+                 for x, ya, yb in zip(prompts, a, b) for pr in self.constitution for o in range(orders)]
+        d = self._answer_logit_diff(texts, group_size=K * orders).view(n, K, orders)
         # sigmoid(logit_A - logit_B) = P(A) / (P(A) + P(B))
-        p_ab = torch.sigmoid(d[: K * n]).view(K, n)  # a shown as (A): P(answer A)
+        p_ab = torch.sigmoid(d[:, :, 0]).T  # a shown as (A): P(answer A)
         if not self.debias:
             return p_ab
-        p_ba = torch.sigmoid(-d[K * n :]).view(K, n)  # a shown as (B): P(answer B)
+        p_ba = torch.sigmoid(-d[:, :, 1]).T  # a shown as (B): P(answer B)
         return 0.5 * (p_ab + p_ba)
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:

@@ -428,6 +428,39 @@ def test_judge_with_a_real_tiny_lm_is_antisymmetric(fb_tokenizer):
     assert ((p_ab > 0) & (p_ab < 1)).all()
 
 
+def test_shared_prefix_scoring_equals_one_pass_per_question(fb_tokenizer):
+    """Questions about one pair share the request: it runs once and its KV cache serves the whole
+    group. Values and gradients equal one full pass per question (prefixes of different lengths,
+    ragged rests)."""
+    from rlhfgym.envs.judge import answer_logit_diff
+
+    lm = make_lm(fb_tokenizer, seed=2)
+    ids = fb_tokenizer.convert_tokens_to_ids
+    answer = ids(["A", "B"])
+    groups = [("summarize : w1 w2 w3 w4 tl;dr :", ["w5 ( A ) w6", "w7 w8 ( B ) good w9 w1", "w2 (", "bad"]),
+              ("summarize : w5 tl;dr :", ["( A ) w1 w2 w3", "w4", "w6 w7 good ( B )", "A"])]
+    seqs = [ids(f"{head} {tail}".split()) for head, tails in groups for tail in tails]
+    lm.train()
+    full = answer_logit_diff(lm, seqs, answer, fb_tokenizer.pad_token_id, "cpu", group_size=1)
+    full.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    shared = answer_logit_diff(lm, seqs, answer, fb_tokenizer.pad_token_id, "cpu", group_size=4)
+    shared.pow(2).sum().backward()
+    assert torch.allclose(shared, full, atol=1e-5)
+    for n, p in lm.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5), n
+    # through the judge: the default template opens with the request, so its questions share it
+    judge = ConstitutionJudge(lm.eval(), fb_tokenizer, PRINCIPLES, answer_tokens=("A", "B"), batch_size=5,
+                              template="summarize : {prompt} tl;dr : {principle} ( A ) {a} ( B ) {b} (")
+    prompts, a, b = ["w1 w2", "w3 w4 w5"], ["w7", f"{MARKER} w8"], ["w2 w3 w4", "w5"]
+    texts = [judge.build_prompt(pr, x, *o) for x, ya, yb in zip(prompts, a, b) for pr in PRINCIPLES
+             for o in ((ya, yb), (yb, ya))]
+    assert torch.allclose(judge._answer_logit_diff(texts, group_size=4), judge._answer_logit_diff(texts), atol=1e-5)
+    p_ab, p_ba = judge.prefer(prompts, a, b), judge.prefer(prompts, b, a)
+    assert torch.allclose(p_ab + p_ba, torch.ones(2), atol=1e-5)
+
+
 def test_judge_tokenizer_without_answer_tokens_names_them(fb_tokenizer):
     lm = make_lm(fb_tokenizer)
     with pytest.raises(JudgeTokenError, match=r"no single token for answer token\(s\) \['Yes', 'No'\]"):
