@@ -41,7 +41,6 @@ from typing import Any
 __all__ = [
     "REWARD_FACTORIES",
     "PREFERENCE_FACTORIES",
-    "ENV_REWARDS",
     "register_feedback_reward_models",
     "learned_reward",
     "fact_reward",
@@ -52,15 +51,6 @@ __all__ = [
     "PreferenceReward",
     "BTReward",
 ]
-
-#: the env ids these rewards back (for registration.ENV_IDS)
-ENV_REWARDS = {
-    "RLHF-Summarize-v0": "learned",
-    "RLHF-Summarize-Fact-v0": "fact",
-    "RLHF-Summarize-AIF-v0": "judge",
-    "RLHF-Intransitive-v0": "intransitive",
-}
-
 
 # ----------------------------------------------------------------------------------------------
 # finding the assets

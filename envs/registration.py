@@ -27,10 +27,10 @@ __all__ = [
 
 #: registered env id -> kwargs baked into its spec
 ENV_IDS: dict[str, dict[str, Any]] = {
-    # The gold scorer until the learned Bradley-Terry RM meets its target (>= 90% of the labelers'
-    # Bayes ceiling); then "learned", once, as the foundation issue allows. The shipped RM (assets
-    # reward/, reward_model="learned") is at 89.5% (docs/feedback.md), so not yet.
-    "RLHF-Summarize-v0": {"reward_model": "gold"},
+    # The learned Bradley-Terry RM (assets reward/): 92.1% of the labelers' Bayes ceiling, over the
+    # 90% target (docs/feedback.md). Until it met the target this id paid gold, as the foundation
+    # issue allowed; it switched once, on 2026-11-22, and keeps this meaning from now on.
+    "RLHF-Summarize-v0": {"reward_model": "learned"},
     "RLHF-Summarize-Gold-v0": {"reward_model": "gold"},  # the gold scorer itself
     "RLHF-Summarize-Fact-v0": {"reward_model": "fact"},  # Fact-RLHF: the RM also reads the article's key facts
     "RLHF-Intransitive-v0": {"reward_model": "intransitive"},  # a labeler population whose preferences cycle

@@ -291,13 +291,13 @@ def test_make_and_make_vec(toy_task, tiny_lm_dir):
 
     register_envs()
     kwargs = dict(reference=str(tiny_lm_dir), task=toy_task, max_new_tokens=4, max_prompt_tokens=32)
-    for env_id in ("RLHF-Summarize-v0", "RLHF-Summarize-Gold-v0"):
-        env = gym.make(env_id, **kwargs)
+    for env_id, reward in (("RLHF-Summarize-Gold-v0", {}), ("RLHF-Summarize-v0", {"reward_model": "gold"})):
+        env = gym.make(env_id, **kwargs, **reward)
         assert isinstance(env.unwrapped, TokenMDPEnv)
         assert isinstance(env.unwrapped.reward_model, GoldReward)
         env.reset(seed=0)
         env.step(3)
-        venv = gym.make_vec(env_id, num_envs=2, autoreset_mode="SameStep", seed=1, **kwargs)
+        venv = gym.make_vec(env_id, num_envs=2, autoreset_mode="SameStep", seed=1, **kwargs, **reward)
         assert isinstance(venv, TokenMDPVectorEnv)
         assert venv.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
         assert venv.observation_space["input_ids"].shape == (2, 36)

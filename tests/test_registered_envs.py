@@ -1,5 +1,6 @@
 """The registered ids on the real micro-v0 assets, as a user meets them."""
 
+import json
 import shutil
 
 import gymnasium as gym
@@ -62,6 +63,21 @@ def test_shipped_reward_models_rank_writers_like_gold(reward_model):
         _, _, terminated, truncated, info = env.step(int(token))
     assert terminated and not truncated
     assert {"rm_score", "gold"} <= set(info) and info["rm_score"] != info["gold"]
+
+
+def test_v0_pays_the_shipped_reward_model_which_meets_its_target():
+    """RLHF-Summarize-v0 means: reward from the learned Bradley-Terry RM, gold only in ``info``.
+    It switched to it once the shipped RM reached 90% of the labelers' Bayes ceiling; a rebuilt
+    reward model below the target fails here instead of silently changing what v0 measures."""
+    assert gym.spec("RLHF-Summarize-v0").kwargs["reward_model"] == "learned"
+    metrics = json.loads((assets.asset_dir("micro-v0") / "feedback_metrics.json").read_text())
+    assert metrics["reward"]["accuracy_over_ceiling"] >= 0.90
+    v0 = gym.make("RLHF-Summarize-v0").unwrapped
+    learned = gym.make("RLHF-Summarize-v0", reward_model="learned").unwrapped
+    prompts = v0.prompts("test", 16)
+    writers = [v0.task.reference("test", i, "expert" if i % 2 else "omitter") for i in range(16)]
+    assert torch.allclose(v0.score(prompts, writers), learned.score(prompts, writers))
+    assert not torch.allclose(v0.score(prompts, writers), torch.tensor(v0.gold(prompts, writers), dtype=torch.float32))
 
 
 def test_vector_env_on_real_assets_runs_batched():
