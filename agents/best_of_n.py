@@ -74,7 +74,8 @@ class BestOfN(Agent):
         """KL(best-of-n || pi) upper bound log n - (n-1)/n (Gao et al. 2022), in nats."""
         import math
 
-        return math.log(self.n) - (self.n - 1) / self.n
+        n = self.config["n"]
+        return math.log(n) - (n - 1) / n
 
     def generate(self, prompts: Sequence[str], *, temperature: float | None = None,
                  max_new_tokens: int | None = None) -> list[str]:

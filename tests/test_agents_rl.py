@@ -129,6 +129,7 @@ def test_best_of_n_beats_sampling(env):
     torch.manual_seed(0)
     best = np.mean(env.unwrapped.gold(prompts, bon.generate(prompts)))
     assert best > plain + 0.15, (plain, best)
+    assert bon.kl_to_reference() == pytest.approx(np.log(4) - 3 / 4)  # the analytic bound the zoo reports
 
 
 def test_best_of_n_picks_the_top_score(env):
