@@ -66,7 +66,7 @@ class LoopCheckpoint:
         if self.path is None or not self.path.is_file():
             return 0, {}
         try:
-            snap = torch.load(self.path, map_location="cpu", weights_only=False)
+            snap = torch.load(self.path, map_location="cpu", weights_only=True)  # plain tensors and numbers: no code runs on load
         except Exception as e:  # a truncated file cannot happen (atomic writes); anything else is foreign
             raise CheckpointMismatch(f"cannot read the training snapshot {self.path} ({e}); delete it to start over.") from e
         if not isinstance(snap, dict) or snap.get("format") != FORMAT:
