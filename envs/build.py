@@ -277,13 +277,9 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     steps = [q for q in FEEDBACK_COMPONENTS if q in parts]
     if steps:
         from .build_feedback import build_all_feedback, headline_metrics
-
         from .resume import default_work_dir
 
         work = Path(work_dir) if work_dir is not None else default_work_dir(target, version)
-        if progress:
-            print(f"[build-assets] resumable state in {work}: if this build is killed, the same command goes on from there",
-                  flush=True)
         fb = build_all_feedback(target, device, seed, steps=steps, progress=progress, work_dir=work, **feedback)
         extra["feedback_metrics"] = headline_metrics(fb)
         shutil.rmtree(work, ignore_errors=True)

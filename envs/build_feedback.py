@@ -1019,10 +1019,11 @@ def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, 
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(n_groups, generator=gen).tolist()
-        if done >= (epoch + 1) * steps_per_epoch and len(history) > epoch:
+        sums = ckpt.epoch_start(epoch, steps_per_epoch, len(history), fresh=(0.0, 0.0, 0.0))
+        if sums is None:
             step += steps_per_epoch  # the snapshot holds this whole epoch
             continue
-        loss_sum, acc_sum, decided = state.get("sums", (0.0, 0.0, 0.0)) if done > epoch * steps_per_epoch else (0.0, 0.0, 0.0)
+        loss_sum, acc_sum, decided = sums
         for s in range(0, n_groups, groups_per_batch):
             step += 1
             if step <= done:
@@ -1228,12 +1229,13 @@ def build_judge(
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of a :func:`build_all_feedback` result that the manifest and README quote."""
     keys = ("heldout_accuracy", "accuracy_over_ceiling", "heldout_majority_agreement", "sft_t1_spearman", "seconds")
-    out: dict[str, Any] = {}
+
     def data_summary(d):
         return {"n_train_prompts": d["n_train_prompts"], "n_train_pairs": d["n_train_pairs"],
                 "n_heldout_pairs": d["n_heldout_pairs"], "bayes_ceiling": d["bayes_ceiling"]["exact"],
                 "seconds": d["seconds"]}
 
+    out: dict[str, Any] = {}
     if "preference_data" in metrics:
         out["preference_data"] = data_summary(metrics["preference_data"])
     for step in FEEDBACK_STEPS:
@@ -1270,6 +1272,8 @@ class _BuildWork:
             shutil.rmtree(self.dir)
         elif meta.is_file():
             _log(progress, f"resuming the build kept in {self.dir}")
+        else:
+            _log(progress, f"resumable state in {self.dir}: if this build is killed, the same call goes on from there")
         atomic_write_text(meta, json.dumps(fingerprint, indent=1, sort_keys=True))
 
     def loop_dir(self, step: str) -> Path | None:

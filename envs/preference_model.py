@@ -207,10 +207,11 @@ def train_preference_model(
     for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen).tolist()
-        if done >= (epoch + 1) * steps_per_epoch and len(pm.history) > epoch:
+        sums = ckpt.epoch_start(epoch, steps_per_epoch, len(pm.history), fresh=(0.0, 0.0))
+        if sums is None:
             step += steps_per_epoch  # the snapshot holds this whole epoch
             continue
-        loss_sum, acc_sum = state.get("sums", (0.0, 0.0)) if done > epoch * steps_per_epoch else (0.0, 0.0)
+        loss_sum, acc_sum = sums
         for s in range(0, n, batch_size):
             step += 1
             if step <= done:

@@ -8,10 +8,19 @@ an uninterrupted run would have produced (same batches, same order, same optimiz
 
     ckpt = LoopCheckpoint(directory, fingerprint={"lr": lr, "n": n, ...})   # directory=None: off
     done, state = ckpt.restore(model, optimizer, scheduler)               # (0, {}) when fresh
-    for step in ...:
-        if step < done: continue        # the snapshot already holds it (keep drawing the shuffles)
-        ...one optimizer step...
-        ckpt.maybe_save(step + 1, model, optimizer, scheduler, state)
+    history, step = state.get("history", []), 0
+    for epoch in range(epochs):
+        order = ...shuffle...           # always drawn, so the generator replays
+        sums = ckpt.epoch_start(epoch, steps_per_epoch, len(history), fresh=(0.0, 0.0))
+        if sums is None:                # the snapshot holds this whole epoch and its record
+            step += steps_per_epoch
+            continue
+        for batch in ...:
+            step += 1
+            if step <= done: continue   # the snapshot already holds this batch
+            ...one optimizer step, update sums...
+            ckpt.maybe_save(step, model, optimizer, scheduler, {"history": history, "sums": sums})
+        history.append(...record of the epoch...)
     ckpt.clear()                        # finished: the snapshot is no longer needed
 
 A snapshot made with other arguments (its ``fingerprint`` differs) is refused with an error that
@@ -52,6 +61,7 @@ class LoopCheckpoint:
         self.directory = Path(directory) if directory is not None else None
         self.fingerprint = dict(fingerprint or {})
         self.every_seconds = float(EVERY_SECONDS if every_seconds is None else every_seconds)
+        self.steps_done, self.state = 0, {}
         self._last = time.monotonic()
 
     @property
@@ -82,13 +92,24 @@ class LoopCheckpoint:
         optimizer.load_state_dict(snap["optimizer"])
         scheduler.load_state_dict(snap["scheduler"])
         self._last = time.monotonic()
-        return int(snap["steps_done"]), dict(snap.get("state", {}))
+        self.steps_done, self.state = int(snap["steps_done"]), dict(snap.get("state", {}))
+        return self.steps_done, self.state
 
-    def maybe_save(self, steps_done: int, model, optimizer, scheduler, state: dict[str, Any] | None = None,
-                   force: bool = False) -> bool:
+    def epoch_start(self, epoch: int, steps_per_epoch: int, records: int, fresh: tuple) -> tuple | None:
+        """Where the restored loop stands at the start of ``epoch`` (``records``: epochs already in
+        its history). ``None``: the snapshot holds the whole epoch and its record, skip it.
+        Otherwise the running sums to start the epoch from: the snapshot's when it stopped inside
+        this epoch (or right at its end, before the record), else ``fresh``."""
+        if self.steps_done >= (epoch + 1) * steps_per_epoch and records > epoch:
+            return None
+        if self.steps_done > epoch * steps_per_epoch:
+            return tuple(self.state.get("sums", fresh))
+        return fresh
+
+    def maybe_save(self, steps_done: int, model, optimizer, scheduler, state: dict[str, Any] | None = None) -> bool:
         """Save a snapshot after ``steps_done`` optimizer steps if ``every_seconds`` have passed
-        since the last one (or ``force``). Returns whether it saved."""
-        if self.path is None or not (force or time.monotonic() - self._last >= self.every_seconds):
+        since the last one. Returns whether it saved."""
+        if self.path is None or time.monotonic() - self._last < self.every_seconds:
             return False
         from .assets import atomic_write_bytes
 

@@ -1,6 +1,5 @@
 """Asset builds: a tiny end-to-end build verifies and loads; the shipped assets verify."""
 
-
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
