@@ -61,6 +61,8 @@ from .base import Agent, AgentError, TrainingRun, check_policy_env, load_train_s
 __all__ = ["DPO", "KTO", "TrainingAgent", "make_preference_pairs", "LOSS_TYPES"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+#: ``labelers=ENV_LABELS``: pairs are labelled by the env's own pairwise oracle, ``env.unwrapped.prefer``
+ENV_LABELS = "env"
 
 
 # ============================================================================================
@@ -188,7 +190,8 @@ def make_preference_pairs(env, n_pairs: int, split: str = "train", *, policy=Non
                           soft_labels: bool = False, temperature: float = 1.0, seed: int = 0, start: int | None = None,
                           judge=None):
     """``n_pairs`` labelled pairs on prompts of ``split``: two completions per prompt sampled from
-    ``policy`` (default: the env's reference policy), labelled by the labeler preset (or ``judge``).
+    ``policy`` (default: the env's reference policy), labelled by the labeler preset (or ``judge``;
+    ``labelers="env"``: the env's own ``prefer``).
 
     Prompts are ``n_pairs`` consecutive prompts from ``start`` (default: a seeded random offset).
     Returns a preference ``datasets.Dataset`` (see :mod:`rlhfgym.envs.preferences`).
@@ -210,9 +213,15 @@ def make_preference_pairs(env, n_pairs: int, split: str = "train", *, policy=Non
 
 def label_pairs(core, prompts, a, b, *, labelers, labeler_temperature, labeler_flip_prob, soft_labels, seed, judge=None):
     """Preference records for pairs (a, b): one simulated labeler per pair, or the judge's P(a > b)
-    (the judge's choice is its argmax). Returns ``(dataset, picked_a)``."""
+    (the judge's choice is its argmax; ``labelers="env"`` without a judge: the env's ``prefer``).
+    Returns ``(dataset, picked_a)``."""
     from rlhfgym.envs.preferences import make_preferences
 
+    if judge is None and labelers == ENV_LABELS:
+        judge = getattr(core, "prefer", None)  # e.g. the constitution judge of RLHF-Summarize-AIF-v0: RLAIF labels
+        if not callable(judge):
+            raise AgentError(f"labelers={ENV_LABELS!r} but {core!r} has no prefer(prompts, a, b); "
+                             "use a labeler preset or pass judge=.")
     if judge is None:
         pop = labeler_population(core, labelers, labeler_temperature, labeler_flip_prob)
         labels = pop.label(prompts, a, b, rng=np.random.default_rng(sub_seed(seed, 9)))
@@ -366,8 +375,10 @@ class DPO(TrainingAgent):
             training on a fixed dataset.
         pairs_per_round: prompts (= pairs) sampled per online round.
         temperature: sampling temperature for pairs built from the env.
-        labelers: the :class:`~rlhfgym.envs.labelers.LabelerPopulation` preset that labels pairs
-            built from the env ("gold", "alpacafarm", "intransitive"); labeler_temperature /
+        labelers: who labels pairs built from the env: a :class:`~rlhfgym.envs.labelers.LabelerPopulation`
+            preset ("gold", "alpacafarm", "intransitive"), or "env": the env's own pairwise oracle
+            ``env.unwrapped.prefer`` (the constitution judge on RLHF-Summarize-AIF-v0, i.e. RLAIF
+            labels; the preference model on RLHF-Summarize-v0); labeler_temperature /
             labeler_flip_prob override the preset's; soft_labels keeps the labeler's probability
             as ``label_prob`` instead of a hard click.
         dataset: a path to a preference dataset (JSON-serialisable form of ``learn(dataset=...)``).
@@ -402,8 +413,9 @@ class DPO(TrainingAgent):
         check_range("max_grad_norm", n, max_grad_norm, low=0, low_open=True)
         check_range("pairs_per_round", n, pairs_per_round, low=1, integer=True)
         check_range("temperature", n, temperature, low=0, low_open=True)
-        if labelers not in PRESETS:
-            raise AgentError(f"{n}: unknown labelers preset {labelers!r}; use one of {', '.join(PRESETS)}.")
+        if labelers not in PRESETS and labelers != ENV_LABELS:
+            raise AgentError(f"{n}: unknown labelers preset {labelers!r}; use one of {', '.join(PRESETS)} "
+                             f"or {ENV_LABELS!r} (the env's prefer()).")
         if labeler_temperature is not None:
             check_range("labeler_temperature", n, labeler_temperature, low=0)
         if labeler_flip_prob is not None:

@@ -195,6 +195,28 @@ def test_online_dpo_with_a_judge_and_offline_dpo_from_a_jsonl_file(env, tmp_path
     assert offline.spent == 8  # the file holds 4 pairs: the budget is not reached
 
 
+def test_labelers_env_labels_pairs_with_the_envs_own_prefer(env, monkeypatch):
+    """labelers="env": the env's pairwise oracle (the judge on RLHF-Summarize-AIF-v0) labels the pairs."""
+    core = env.unwrapped
+    calls = []
+
+    def shorter_wins(prompts, a, b):
+        calls.append(len(prompts))
+        return torch.tensor([0.9 if len(x) <= len(y) else 0.2 for x, y in zip(a, b)])
+
+    monkeypatch.setattr(core, "prefer", shorter_wins, raising=False)
+    ds = make_preference_pairs(env, 6, "train", seed=3, labelers="env", soft_labels=True)
+    assert calls == [6]
+    assert all(len(c) <= len(r) for c, r in zip(ds["chosen"], ds["rejected"]))
+    assert all(min(abs(p - 0.9), abs(p - 0.8)) < 1e-6 for p in ds["label_prob"])  # P(chosen > rejected)
+    agent = DPO(labelers="env", online=True, pairs_per_round=2, batch_size=2)
+    agent.learn(env, 4, progress_bar=False)
+    assert calls == [6, 2] and agent.spent == 4
+    monkeypatch.setattr(core, "prefer", None, raising=False)  # an env without a pairwise oracle
+    with pytest.raises(AgentError, match="has no prefer"):
+        make_preference_pairs(env, 2, "train", labelers="env")
+
+
 def test_kto_on_an_unpaired_dataset(env):
     import datasets
 
