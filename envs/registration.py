@@ -34,6 +34,9 @@ ENV_IDS: dict[str, dict[str, Any]] = {
     "RLHF-Summarize-Gold-v0": {"reward_model": "gold"},  # the gold scorer itself
     "RLHF-Summarize-Fact-v0": {"reward_model": "fact"},  # Fact-RLHF: the RM also reads the article's key facts
     "RLHF-Intransitive-v0": {"reward_model": "intransitive"},  # a labeler population whose preferences cycle
+    # RLAIF: the constitution judge (assets judge/, envs/constitutions/micro.yaml) compares each
+    # completion with the SFT policy's greedy summary; reward P_judge(y > ref) - 1/2
+    "RLHF-Summarize-AIF-v0": {"reward_model": "judge"},
 }
 
 #: named reward models: name -> factory(task, tokenizer, device) -> RewardModel. Extend this to

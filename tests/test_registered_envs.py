@@ -80,6 +80,22 @@ def test_v0_pays_the_shipped_reward_model_which_meets_its_target():
     assert not torch.allclose(v0.score(prompts, writers), torch.tensor(v0.gold(prompts, writers), dtype=torch.float32))
 
 
+def test_aif_v0_pays_the_shipped_constitution_judge():
+    """RLHF-Summarize-AIF-v0: reward P_judge(y > SFT greedy summary) - 1/2 from the shipped judge,
+    gold only in ``info``; the judge prefers the expert writer to the one that omits a key fact."""
+    assert gym.spec("RLHF-Summarize-AIF-v0").kwargs["reward_model"] == "judge"
+    env = gym.make("RLHF-Summarize-AIF-v0").unwrapped
+    prompts = env.prompts("test", 16)
+    expert = [env.task.reference("test", i, "expert") for i in range(16)]
+    omitter = [env.task.reference("test", i, "omitter") for i in range(16)]
+    s_expert, s_omitter = env.score(prompts, expert), env.score(prompts, omitter)
+    assert ((s_expert >= -0.5) & (s_expert <= 0.5)).all()
+    assert (s_expert > s_omitter).float().mean() > 0.8, (s_expert, s_omitter)
+    # the reference itself scores exactly 0: both answer orders are asked and averaged
+    reference = env.reward_model.reference.batch(prompts[:4])
+    assert torch.allclose(env.score(prompts[:4], reference), torch.zeros(4), atol=1e-6)
+
+
 def test_vector_env_on_real_assets_runs_batched():
     venv = gym.make_vec("RLHF-Summarize-Gold-v0", num_envs=4)
     obs, _ = venv.reset(seed=0)
