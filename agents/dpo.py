@@ -156,6 +156,13 @@ def labeler_population(core, name: str, temperature: float | None, flip_prob: fl
     return LabelerPopulation.preset(name, core.task, temperature=temperature, flip_prob=flip_prob)
 
 
+def env_prefer(core) -> Callable | None:
+    """The env's own pairwise oracle ``(prompts, a, b) -> P(a > b)``: ``env.unwrapped.prefer``, or
+    its reward model's ``prefer`` (feedback envs); None when it has neither."""
+    fn = getattr(core, "prefer", None) or getattr(getattr(core, "reward_model", None), "prefer", None)
+    return fn if callable(fn) else None
+
+
 def as_preference_fn(fn, agent: str) -> Callable:
     """A callable ``(prompts, a, b) -> P(a > b)``: a function or an object with ``prefer``."""
     if fn is None:
@@ -218,8 +225,8 @@ def label_pairs(core, prompts, a, b, *, labelers, labeler_temperature, labeler_f
     from rlhfgym.envs.preferences import make_preferences
 
     if judge is None and labelers == ENV_LABELS:
-        judge = getattr(core, "prefer", None)  # e.g. the constitution judge of RLHF-Summarize-AIF-v0: RLAIF labels
-        if not callable(judge):
+        judge = env_prefer(core)  # e.g. the constitution judge of RLHF-Summarize-AIF-v0: RLAIF labels
+        if judge is None:
             raise AgentError(f"labelers={ENV_LABELS!r} but {core!r} has no prefer(prompts, a, b); "
                              "use a labeler preset or pass judge=.")
     if judge is None:

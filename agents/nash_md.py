@@ -55,6 +55,7 @@ from .dpo import (
     as_preference_fn,
     check_range,
     env_core,
+    env_prefer,
     labeler_population,
     preference_probs,
     reference_policy,
@@ -154,10 +155,9 @@ class NashMD(TrainingAgent):
         if preference is not None:
             return as_preference_fn(preference, self.name)
         source = cfg["preference"]
-        # the env's own pairwise oracle: env.unwrapped.prefer, or its reward model's prefer (feedback envs)
-        env_prefer = getattr(core, "prefer", None) or getattr(getattr(core, "reward_model", None), "prefer", None)
-        if source in ("auto", "env") and callable(env_prefer):
-            return env_prefer
+        oracle = env_prefer(core)
+        if source in ("auto", "env") and oracle is not None:
+            return oracle
         if source == "env":
             raise AgentError(f"{self.name}: preference='env' but the env has no prefer(prompts, a, b); "
                              "use preference='reward' or pass preference= to learn().")
