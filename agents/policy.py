@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfgym.envs.lm import IncrementalLM, _position_ids, model_vocab_size
+from rlhfgym.envs.hf import position_ids, quiet_transformers
+from rlhfgym.envs.lm import IncrementalLM, model_vocab_size
 
 
 @dataclass
@@ -89,6 +90,7 @@ class CausalLMPolicy(nn.Module):
                    max_prompt_tokens=getattr(inner, "max_prompt_tokens", 96), max_new_tokens=core.max_new_tokens, device=device)
 
     @classmethod
+    @quiet_transformers()
     def from_pretrained(cls, path: str | Path, *, tokenizer=None, device: str = "cpu", dtype: torch.dtype | None = None,
                         value_head: bool | None = None, lora: dict[str, Any] | None = None, **kwargs) -> "CausalLMPolicy":
         """Load a policy saved by :meth:`save`, a local model directory, or a hub model name."""
@@ -228,7 +230,7 @@ class CausalLMPolicy(nn.Module):
         """
         ids, att, p = self.batch(prompt_ids, tokens, mask)
         net = model if model is not None else self.model
-        out = net(input_ids=ids, attention_mask=att, position_ids=_position_ids(att),
+        out = net(input_ids=ids, attention_mask=att, position_ids=position_ids(att),
                   output_hidden_states=with_values)
         logits = out.logits[:, p - 1:-1].float()[..., : len(self.tokenizer)] / max(temperature, 1e-6)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.to(self.device)[..., None]).squeeze(-1)
@@ -250,7 +252,7 @@ class CausalLMPolicy(nn.Module):
         single = ids.dim() == 1
         if single:
             ids, att = ids[None], att[None]
-        logits = self.model(input_ids=ids, attention_mask=att, position_ids=_position_ids(att)).logits[:, -1]
+        logits = self.model(input_ids=ids, attention_mask=att, position_ids=position_ids(att)).logits[:, -1]
         logits = logits.float()[:, : len(self.tokenizer)]
         act = logits.argmax(-1) if deterministic else torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
         if isinstance(obs["input_ids"], torch.Tensor):

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rlhfgym.envs.lm import _position_ids
+from rlhfgym.envs.hf import position_ids
 
 from .base import Agent, AgentError, TrainingRun, load_train_state, reference_for, save_train_state
 from .policy import CausalLMPolicy
@@ -295,7 +295,7 @@ class PPO(Agent):
         policy = self.policy
         ids, att, p = policy.batch(roll.prompt_ids, roll.tokens, roll.mask)
         with torch.no_grad():
-            out = policy.model(input_ids=ids, attention_mask=att, position_ids=_position_ids(att), output_hidden_states=True)
+            out = policy.model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), output_hidden_states=True)
             hidden = out.hidden_states[-1][:, p - 1:-1].float()
         opt = torch.optim.Adam(policy.value_head.parameters(), lr=1e-2)
         with torch.enable_grad():

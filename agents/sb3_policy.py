@@ -45,11 +45,13 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from rlhfgym.envs.lm import _position_ids, model_vocab_size
+from rlhfgym.envs.hf import position_ids, quiet_transformers
+from rlhfgym.envs.lm import model_vocab_size
 
 __all__ = ["LMActorCriticPolicy", "LMFeaturesExtractor"]
 
 
+@quiet_transformers()
 def _load_model(model) -> nn.Module:
     if model is None:
         from transformers import AutoModelForCausalLM
@@ -95,7 +97,7 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
         if not bool(used[0]) and bool(used.any()):
             first = int(used.float().argmax())
             ids, att = ids[:, first:], att[:, first:]
-        out = self.body(input_ids=ids, attention_mask=att, position_ids=_position_ids(att), use_cache=False)
+        out = self.body(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False)
         return out.last_hidden_state[:, -1].float()  # right-aligned: the newest token is the last column
 
 

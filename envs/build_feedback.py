@@ -66,6 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .assets import FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir, atomic_write_text
+from .hf import quiet_transformers
 from .labelers import COMPONENTS, LabelerPopulation
 from .tasks.news import (
     ACTIONS,
@@ -1051,6 +1052,7 @@ def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, 
     return history
 
 
+@quiet_transformers()
 def load_judge(path, device="cpu", *, constitution=None, reference=None, clamp=None, batch_size: int = 64, debias: bool = True):
     """A :class:`~.judge.ConstitutionJudge` over a judge asset built by :func:`build_judge`.
 

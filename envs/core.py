@@ -35,6 +35,7 @@ from gymnasium.error import ResetNeeded
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 
+from .hf import resolve_device
 from .lm import IncrementalLM, model_vocab_size
 from .rewards import GoldReward, RewardModel, check_scores
 from .tasks.base import Task
@@ -42,28 +43,6 @@ from .tasks.base import Task
 __all__ = ["TokenMDPCore", "StepResult", "resolve_device", "resolve_autoreset_mode"]
 
 RESET_OPTIONS = ("prompt_index", "split")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse ``device`` and check that this machine has it; raise a ValueError that says what to do."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:0', ...).") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={str(device)!r} was requested but CUDA is not available here "
-                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu'."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                "use device='cuda:0' or device='cpu'."
-            )
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"device={str(device)!r} was requested but MPS is not available here; use device='cpu'.")
-    return dev
 
 
 def resolve_autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:

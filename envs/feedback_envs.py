@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .hf import quiet_transformers
+
 __all__ = [
     "REWARD_FACTORIES",
     "PREFERENCE_FACTORIES",
@@ -104,6 +106,7 @@ class ReferenceCompletions:
         self._cache: OrderedDict[str, str] = OrderedDict()
         self._model = self._tokenizer = None
 
+    @quiet_transformers()
     def _sft(self):
         if self._model is None:
             import torch

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .reward_model import pad_right, resolve_device
+from .hf import cached_forward, resolve_device
+from .reward_model import pad_right
 
 DEFAULT_TEMPLATE = (
     "Consider the following request and two possible responses.\n\n"
@@ -224,14 +225,14 @@ def answer_logit_diff(model, seqs: Sequence[Sequence[int]], answer_ids: Sequence
     if min(shared) == 0:  # nothing to share in some group: one plain pass
         return answer_logit_diff(model, seqs, answer_ids, pad_id, device, group_size=1)
     p_ids, p_mask = pad_right([grp[0][:k] for grp, k in zip(groups, shared)], pad_id, device)
-    cache = model(input_ids=p_ids, attention_mask=p_mask, use_cache=True).past_key_values
+    _, cache = cached_forward(model, None, input_ids=p_ids, attention_mask=p_mask)
     cache.batch_repeat_interleave(group_size)
     rest = [q[k:] for grp, k in zip(groups, shared) for q in grp]
     r_ids, r_mask = pad_right(rest, pad_id, device)
     start = torch.tensor(shared, device=r_ids.device).repeat_interleave(group_size)
     positions = start[:, None] + torch.arange(r_ids.shape[1], device=r_ids.device)[None, :]
     mask = torch.cat([p_mask.repeat_interleave(group_size, dim=0), r_mask], dim=1)  # prefix pads are holes
-    logits = model(input_ids=r_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+    logits = cached_forward(model, cache, input_ids=r_ids, attention_mask=mask, position_ids=positions)[0].logits
     last = logits[torch.arange(n, device=r_ids.device), r_mask.sum(1) - 1].float()
     return last[:, answer_ids[0]] - last[:, answer_ids[1]]
 

@@ -34,8 +34,8 @@ Two backends implement this layout:
   on the left when it is longer than ``window`` (only columns no row needs; a row whose context
   since its last reset is longer keeps all of it). Works with any attention implementation.
 
-Either way the model is called directly with ``past_key_values`` (no ``generate``): one forward per
-step, no logits processors, no per-row Python work except at resets.
+Either way the model is called directly with its key/value cache (:func:`rlhfgym.envs.hf.cached_forward`,
+no ``generate``): one forward per step, no logits processors, no per-row Python work except at resets.
 """
 
 from __future__ import annotations
@@ -48,7 +48,38 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["IncrementalLM", "sequence_logprobs", "model_vocab_size"]
+from .hf import cached_forward, position_ids
+
+__all__ = [
+    "IncrementalLM",
+    "sequence_logprobs",
+    "model_vocab_size",
+    "encode_prompts",
+    "encode_completions",
+    "decode_completions",
+]
+
+
+# The one text <-> token convention of rlhf-gym (env, agents, feedback models and asset builds):
+# a prompt is encoded as the model saw text in training, with the tokenizer's special tokens (a hub
+# tokenizer's BOS); a completion continues the prompt, so it gets none; decoding drops special
+# tokens and keeps the spaces exactly as the tokens spell them.
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the tokenizer's special tokens (e.g. BOS) as in training."""
+    return tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+
+
+def encode_completions(tokenizer, completions: Sequence[str]) -> list[list[int]]:
+    """Token ids of each completion as a continuation of its prompt: no special tokens (no BOS, no EOS)."""
+    return tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+
+
+def decode_completions(tokenizer, token_lists: Sequence[Sequence[int]]) -> list[str]:
+    """Text of each completion: special tokens (EOS, pad) dropped, spaces kept as the tokens spell them."""
+    return tokenizer.batch_decode([list(map(int, t)) for t in token_lists], skip_special_tokens=True,
+                                  clean_up_tokenization_spaces=False)
 
 
 def model_vocab_size(model: torch.nn.Module) -> int:
@@ -58,11 +89,6 @@ def model_vocab_size(model: torch.nn.Module) -> int:
         return int(out.weight.shape[0])
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, 2, ... over the valid (mask == 1) tokens of each row; padding gets 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
 class _RingLayer(DynamicLayer):
@@ -182,8 +208,10 @@ class IncrementalLM:
         """Number of cache columns ``L`` (always ``window`` for the static backend)."""
         return self.window if self.backend == "static" else int(self._mask2d.shape[1])
 
-    def _forward(self, **kwargs):
-        return self.model(use_cache=True, **kwargs)
+    def _forward(self, cache, **inputs):
+        """One forward pass over ``cache``; returns ``(logits, cache)``."""
+        out, cache = cached_forward(self.model, cache, **inputs)
+        return out.logits, cache
 
     # ------------------------------------------------------------------ reset
     @torch.no_grad()
@@ -217,23 +245,23 @@ class IncrementalLM:
         if self.backend == "static" and p > self.window:
             raise ValueError(f"reset_rows: a prompt of {p} tokens does not fit the window of {self.window}; raise window.")
 
-        out = self._forward(
+        logits, fresh = self._forward(
+            DynamicCache(),
             input_ids=ids,
             attention_mask=mask,
-            position_ids=_position_ids(mask),
-            past_key_values=DynamicCache(),
+            position_ids=position_ids(mask),
             **({"logits_to_keep": 1} if self._logits_to_keep else {}),
         )
         rows_t = torch.as_tensor(rows_np, device=self.device)
         if self.backend == "static":
-            self._write_static(rows_t, out.past_key_values, mask)
+            self._write_static(rows_t, fresh, mask)
         else:
-            self._write_dynamic(rows_t, out.past_key_values, mask)
+            self._write_dynamic(rows_t, fresh, mask)
         self.positions[rows_t] = mask.sum(-1)
         self._span[rows_np] = p
         if self.backend == "dynamic":
             self._crop()
-        return out.logits[:, -1, :]
+        return logits[:, -1, :]
 
     def _pad_prompts(self, input_ids, attention_mask, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-pad the prompts into ``(k, p)`` tensors on the model's device (p = longest prompt)."""
@@ -283,9 +311,7 @@ class IncrementalLM:
     # ------------------------------------------------------------------ static backend
     def _init_static(self) -> None:
         """Allocate the ring (B, H, W, D) per layer, shaped like a 1-token forward's cache."""
-        probe = self._forward(
-            input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), past_key_values=DynamicCache()
-        ).past_key_values
+        _, probe = self._forward(DynamicCache(), input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device))
         self._slot = torch.zeros(1, dtype=torch.long, device=self.device)
         layers = []
         for layer in probe.layers:
@@ -317,8 +343,8 @@ class IncrementalLM:
         self._mask4d[rows_t, 0, 0, :] = row_mask
 
     def _static_forward(self) -> torch.Tensor:
-        out = self._forward(input_ids=self._tok, attention_mask=self._mask4d, position_ids=self._pos, past_key_values=self._ring)
-        return out.logits[:, -1, :]
+        logits, _ = self._forward(self._ring, input_ids=self._tok, attention_mask=self._mask4d, position_ids=self._pos)
+        return logits[:, -1, :]
 
     def _step_static(self, tokens: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
         slot = self._head % self.window
@@ -390,18 +416,17 @@ class IncrementalLM:
         # During this forward every row's query may look at its own new column, so a row with no
         # valid context (never reset) still has one key to attend to instead of a fully masked row.
         mask = torch.cat([self._mask2d, self._mask2d.new_ones(self.batch_size, 1)], dim=1)
-        out = self._forward(
+        logits, self.cache = self._forward(
+            self.cache,
             input_ids=tokens,
             attention_mask=mask,
             position_ids=self.positions.view(self.batch_size, 1),
-            past_key_values=self.cache,
         )
-        self.cache = out.past_key_values
         if active is not None:
             mask = torch.cat([self._mask2d, active.to(self.device, torch.long).view(self.batch_size, 1)], dim=1)
         self._mask2d = mask
         self._crop(extra=1)  # step() counts the new column in _span after this
-        return out.logits[:, -1, :]
+        return logits[:, -1, :]
 
     def _crop(self, extra: int = 0) -> None:
         """Drop leftmost columns that no row needs any more (they are masked for every row)."""
@@ -436,7 +461,7 @@ def sequence_logprobs(
         ``completion_mask[b, t]`` is 1 and 0 elsewhere. Sum over ``t`` for sequence log-probs.
     """
     attention_mask = attention_mask.long()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask)).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
     # gather - logsumexp avoids materializing a full log_softmax copy of (B, T, V)

@@ -31,10 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .assets import atomic_save_dir
+from .hf import quiet_transformers, resolve_device
 from .reward_model import (
     ensure_pad_token,
     load_scalar_model,
-    resolve_device,
     scalar_forward,
     seed_everything,
     soft_bt_loss,
@@ -132,6 +132,7 @@ class PreferenceModel:
         return Path(path)
 
     @classmethod
+    @quiet_transformers()
     def load(cls, path: str | os.PathLike[str], device: str | torch.device | None = "cpu", batch_size: int = 16) -> "PreferenceModel":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

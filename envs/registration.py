@@ -16,6 +16,8 @@ from typing import Any
 
 import gymnasium as gym
 
+from .hf import quiet_transformers
+
 __all__ = [
     "ENV_IDS",
     "REWARD_MODELS",
@@ -71,6 +73,7 @@ def _micro_assets():
     return load_micro_assets()
 
 
+@quiet_transformers()  # gym.make prints nothing the user did not ask for (no load bars or reports)
 def build_components(
     *,
     reference=None,
@@ -93,7 +96,7 @@ def build_components(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .core import resolve_device
+    from .hf import resolve_device
     from .rewards import RewardModel
 
     resolve_device(device)  # fail before loading anything if the device does not exist

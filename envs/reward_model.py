@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .assets import atomic_save_dir
+from .hf import quiet_transformers, resolve_device
 
 FormatFn = Callable[[str, str], str]
 CONFIG_NAME = "reward_config.json"
@@ -93,15 +94,6 @@ def _format_name(fn: FormatFn) -> str:
 # Shared machinery for scalar-head models (reward model, preference model)
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; pass device='cpu'.")
-    return device
-
-
 def ensure_pad_token(tokenizer) -> None:
     """Scalar heads find the last real token through ``pad_token_id``; give the tokenizer one."""
     if tokenizer.pad_token_id is None:
@@ -123,19 +115,13 @@ def load_scalar_model(backbone_or_path, tokenizer, torch_dtype: torch.dtype | No
 
     ensure_pad_token(tokenizer)
     if isinstance(backbone_or_path, (str, os.PathLike)):
-        from transformers.utils import logging as hf_logging
-
         # transformers prints a load report for the (expected) new head and the unused LM head;
         # we check the report ourselves and only speak up about missing backbone weights
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
+        with quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 str(backbone_or_path), num_labels=1, output_loading_info=True,
                 **({"dtype": torch_dtype} if torch_dtype is not None else {}),
             )
-        finally:
-            hf_logging.set_verbosity(verbosity)
         missing = list(info.get("missing_keys", ()))
         new_head = [k for k in missing if k.startswith(("score.", "classifier."))]
         if len(missing) > len(new_head):
@@ -315,6 +301,7 @@ class RewardModel:
         return Path(path)
 
     @classmethod
+    @quiet_transformers()
     def load(
         cls,
         path: str | os.PathLike[str],

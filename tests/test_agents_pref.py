@@ -148,7 +148,7 @@ def test_nash_md_win_rate_against_sft_rises_above_half(env):
 def test_geometric_mixture_sampling_matches_teacher_forcing(env):
     """The KV-cached per-token mixture equals log_softmax((1 - b) log pi + b log pi_ref) recomputed
     from full forward passes of both models."""
-    from rlhfgym.envs.lm import _position_ids
+    from rlhfgym.envs.hf import position_ids
 
     core = env.unwrapped
     policy = CausalLMPolicy.from_env(env)
@@ -162,7 +162,7 @@ def test_geometric_mixture_sampling_matches_teacher_forcing(env):
     roll = policy.sample(core.prompts("validation", 4, 0), mixture=mix)
     ids, att, p = policy.batch(roll.prompt_ids, roll.tokens, roll.mask)
     with torch.no_grad():
-        pos = _position_ids(att)
+        pos = position_ids(att)
         lp = torch.log_softmax(policy.model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, p - 1:-1, :v].float(), -1)
         lr = torch.log_softmax(ref(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, p - 1:-1, :v].float(), -1)
     expected = torch.log_softmax((1 - beta) * lp + beta * lr, -1).gather(-1, roll.tokens[..., None]).squeeze(-1) * roll.mask

@@ -10,7 +10,7 @@ import torch
 
 from rlhfgym.agents.policy import CausalLMPolicy
 from rlhfgym.agents.sb3_policy import LMActorCriticPolicy
-from rlhfgym.envs.lm import _position_ids
+from rlhfgym.envs.hf import position_ids
 from rlhfgym.envs.registration import register_envs
 from rlhfgym.envs.sb3 import make_sb3_vec_env
 
@@ -47,7 +47,7 @@ def test_initial_policy_is_the_reference_model():
     dist = model.policy.get_distribution(model.policy.obs_to_tensor(obs)[0])
     ids, att = torch.as_tensor(obs["input_ids"]), torch.as_tensor(obs["attention_mask"])
     with torch.no_grad():
-        logits = venv.venv.reference_model(input_ids=ids, attention_mask=att, position_ids=_position_ids(att)).logits[:, -1]
+        logits = venv.venv.reference_model(input_ids=ids, attention_mask=att, position_ids=position_ids(att)).logits[:, -1]
     torch.testing.assert_close(dist.distribution.logits, torch.log_softmax(logits, -1), atol=1e-4, rtol=0)
     assert dist.distribution.logits.shape == (3, venv.action_space.n)
     values = model.policy.predict_values(model.policy.obs_to_tensor(obs)[0])

@@ -1,0 +1,92 @@
+"""The one place rlhf-gym touches version-specific parts of ``transformers`` and ``torch`` devices.
+
+``transformers`` 5.24 renamed the key/value-cache argument of every model's ``forward`` from
+``past_key_values`` to ``cache`` (the old name warns and is removed in 5.40), and the model
+outputs' ``past_key_values`` field to ``cache``. rlhf-gym supports the range declared in
+``pyproject.toml`` (CI tests both ends), so every cached forward pass in the package goes through
+:func:`cached_forward`, which uses whichever name the installed release declares.
+
+:func:`quiet_transformers` silences what ``from_pretrained`` prints on every call (the "Loading
+weights" bars and load reports) so ``gym.make`` prints nothing the user did not ask for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from functools import lru_cache
+
+import torch
+
+__all__ = ["cached_forward", "cache_argument", "quiet_transformers", "resolve_device", "position_ids"]
+
+
+@lru_cache(maxsize=None)
+def _forward_cache_argument(forward_fn) -> str:
+    params = inspect.signature(forward_fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name of ``model.forward``'s key/value-cache argument: ``"cache"`` (transformers >= 5.24)
+    or ``"past_key_values"`` (older releases)."""
+    return _forward_cache_argument(type(model).forward)
+
+
+def cached_forward(model: torch.nn.Module, cache, **inputs):
+    """``model(**inputs, use_cache=True)`` with ``cache`` passed under the installed release's name.
+
+    Returns ``(output, cache)``: the model output and the updated cache object it returned.
+    """
+    out = model(use_cache=True, **{cache_argument(model): cache}, **inputs)
+    new_cache = out["cache"] if "cache" in out else out["past_key_values"]
+    return out, new_cache
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Within the block, transformers shows no progress bars and logs errors only; the previous
+    settings are restored afterwards (a user's own verbosity choice is left as it was)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Parse ``device`` (``None``: CUDA when there is one, else CPU) and check that this machine has
+    it; raise a ``ValueError`` that says what to use instead."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda' (or 'cuda:0', ...).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={str(device)!r} was requested but CUDA is not available here "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use device='cpu'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(device)!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "use device='cuda:0' or device='cpu'."
+            )
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"device={str(device)!r} was requested but MPS is not available here; use device='cpu'.")
+    return dev
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, 2, ... over the valid (mask == 1) tokens of each row; padding gets 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
