@@ -28,9 +28,9 @@ KL(pi || pi_ref) from mismatched (prompt, completion) pairs of the batch, clippe
     undesirable:  lambda_U (1 - sigmoid(beta (z0 - r)))
 
 Data (``online=False``): a preference ``datasets.Dataset`` (or a path read with
-:func:`rlhfgym.envs.preferences.load_preferences`) passed to :meth:`learn` or as ``dataset=``;
+:func:`rlhfgym.envs.feedback.preferences.load_preferences`) passed to :meth:`learn` or as ``dataset=``;
 without one, pairs are built from the env: two completions per training prompt sampled from the
-reference policy, labelled by a :class:`~rlhfgym.envs.labelers.LabelerPopulation` preset over the
+reference policy, labelled by a :class:`~rlhfgym.envs.feedback.labelers.LabelerPopulation` preset over the
 task's gold components. ``online=True``: every round samples two completions per prompt from the
 *current* policy and labels them (with the labelers, or with ``judge(prompts, a, b) -> P(a > b)``
 passed to :meth:`learn`, e.g. a preference model or a constitution judge).
@@ -151,7 +151,7 @@ def _mean_gold(core, prompts, completions) -> float:
 
 
 def labeler_population(core, name: str, temperature: float | None, flip_prob: float | None):
-    from rlhfgym.envs.labelers import LabelerPopulation
+    from rlhfgym.envs.feedback.labelers import LabelerPopulation
 
     return LabelerPopulation.preset(name, core.task, temperature=temperature, flip_prob=flip_prob)
 
@@ -201,7 +201,7 @@ def make_preference_pairs(env, n_pairs: int, split: str = "train", *, policy=Non
     ``labelers="env"``: the env's own ``prefer``).
 
     Prompts are ``n_pairs`` consecutive prompts from ``start`` (default: a seeded random offset).
-    Returns a preference ``datasets.Dataset`` (see :mod:`rlhfgym.envs.preferences`).
+    Returns a preference ``datasets.Dataset`` (see :mod:`rlhfgym.envs.feedback.preferences`).
     """
     core = env_core(env, "make_preference_pairs")
     policy = policy if policy is not None else reference_policy(core)
@@ -222,7 +222,7 @@ def label_pairs(core, prompts, a, b, *, labelers, labeler_temperature, labeler_f
     """Preference records for pairs (a, b): one simulated labeler per pair, or the judge's P(a > b)
     (the judge's choice is its argmax; ``labelers="env"`` without a judge: the env's ``prefer``).
     Returns ``(dataset, picked_a)``."""
-    from rlhfgym.envs.preferences import make_preferences
+    from rlhfgym.envs.feedback.preferences import make_preferences
 
     if judge is None and labelers == ENV_LABELS:
         judge = env_prefer(core)  # e.g. the constitution judge of RLHF-Summarize-AIF-v0: RLAIF labels
@@ -353,7 +353,7 @@ class Pairs:
 
 def resolve_dataset(dataset, agent: str):
     """A preference dataset from a ``datasets.Dataset`` or a path (validated either way)."""
-    from rlhfgym.envs.preferences import load_preferences, validate_preferences
+    from rlhfgym.envs.feedback.preferences import load_preferences, validate_preferences
 
     if dataset is None:
         return None
@@ -382,7 +382,7 @@ class DPO(TrainingAgent):
             training on a fixed dataset.
         pairs_per_round: prompts (= pairs) sampled per online round.
         temperature: sampling temperature for pairs built from the env.
-        labelers: who labels pairs built from the env: a :class:`~rlhfgym.envs.labelers.LabelerPopulation`
+        labelers: who labels pairs built from the env: a :class:`~rlhfgym.envs.feedback.labelers.LabelerPopulation`
             preset ("gold", "alpacafarm", "intransitive"), or "env": the env's own pairwise oracle
             ``env.unwrapped.prefer`` (the constitution judge on RLHF-Summarize-AIF-v0, i.e. RLAIF
             labels; the preference model on RLHF-Summarize-v0); labeler_temperature /
@@ -411,7 +411,7 @@ class DPO(TrainingAgent):
 
     def _common_config(self, learning_rate, batch_size, epochs, max_grad_norm, online, pairs_per_round, temperature,
                        labelers, labeler_temperature, labeler_flip_prob, soft_labels, dataset) -> dict[str, Any]:
-        from rlhfgym.envs.labelers import PRESETS
+        from rlhfgym.envs.feedback.labelers import PRESETS
 
         n = self.name
         check_range("learning_rate", n, learning_rate, low=0, low_open=True)
@@ -518,7 +518,7 @@ class DPO(TrainingAgent):
         train state, so that a resumed run trains on the same pairs)."""
         import datasets
 
-        from rlhfgym.envs.preferences import FEATURES
+        from rlhfgym.envs.feedback.preferences import FEATURES
 
         ds = resolve_dataset(dataset if dataset is not None else self.config["dataset"], self.name)
         if ds is None and self.trainer_state.get("pairs") is not None:

@@ -30,7 +30,7 @@ the last ``n_snapshots`` past policies, mixed with pi_ref: Munos et al.'s mixtur
 policies) or "ema" (an exponential moving average of past parameters, Nash-EMA, mixed with pi_ref).
 
 The preference: a callable passed to :meth:`NashMD.learn` (``(prompts, a, b) -> P(a > b)`` or an
-object with ``prefer``, e.g. a :class:`~rlhfgym.envs.preference_model.PreferenceModel`), else
+object with ``prefer``, e.g. a :class:`~rlhfgym.envs.feedback.preference_model.PreferenceModel`), else
 ``env.unwrapped.prefer`` (or its reward model's ``prefer``) when the env offers one, else the env's reward model as
 ``sigmoid((r(a) - r(b)) / preference_temperature)``; ``preference="labelers"`` uses the env's
 simulated labeler population (its mixture probability, e.g. the non-transitive preset).
@@ -121,7 +121,7 @@ class NashMD(TrainingAgent):
                  n_snapshots: int = 4, snapshot_every: int = 4, ema_decay: float = 0.9, preference: str = "auto",
                  preference_temperature: float = 0.1, labelers: str = "gold", learning_rate: float = 5e-5,
                  batch_size: int = 16, max_grad_norm: float = 1.0, temperature: float = 1.0, **kwargs: Any):
-        from rlhfgym.envs.labelers import PRESETS
+        from rlhfgym.envs.feedback.labelers import PRESETS
 
         n = self.name
         check_range("mixture_coef", n, mixture_coef, low=0, high=1)

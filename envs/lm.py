@@ -57,6 +57,7 @@ __all__ = [
     "encode_prompts",
     "encode_completions",
     "decode_completions",
+    "generate_text",
 ]
 
 
@@ -468,3 +469,21 @@ def sequence_logprobs(
     token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     token_lp = token_lp * completion_mask[:, 1:].to(token_lp.dtype)
     return torch.cat([token_lp.new_zeros(input_ids.shape[0], 1), token_lp], dim=1)
+
+
+@torch.no_grad()
+def generate_text(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1.0, num_return_sequences=1, batch_size=256):
+    """Completions (text) for prompts with ``model.generate`` (whole batches, no per-row resets);
+    greedy when ``temperature == 0``. Encodes and decodes with the package's one convention."""
+    device = next(model.parameters()).device
+    out = []
+    tokenizer.padding_side = "left"
+    for s in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+        kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        gen = model.generate(
+            **enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw,
+        )
+        out.extend(decode_completions(tokenizer, gen[:, enc["input_ids"].shape[1]:].tolist()))
+    return out

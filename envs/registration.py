@@ -16,6 +16,7 @@ from typing import Any
 
 import gymnasium as gym
 
+from .feedback.factories import REWARD_FACTORIES
 from .hf import quiet_transformers
 
 __all__ = [
@@ -41,10 +42,6 @@ ENV_IDS: dict[str, dict[str, Any]] = {
     "RLHF-Summarize-AIF-v0": {"reward_model": "judge"},
 }
 
-#: named reward models: name -> factory(task, tokenizer, device) -> RewardModel. Extend this to
-#: give an env id a learned reward model by name (e.g. "learned": load from the micro assets).
-REWARD_MODELS: dict[str, Callable[..., Any]] = {}
-
 
 def _gold_reward(task, tokenizer, device):
     from .rewards import GoldReward
@@ -52,16 +49,11 @@ def _gold_reward(task, tokenizer, device):
     return GoldReward(task)
 
 
-REWARD_MODELS["gold"] = _gold_reward
+#: named reward models: name -> factory(task, tokenizer, device) -> reward. "gold" is the task's
+#: gold scorer; the feedback models ("learned", "fact", "judge", "intransitive") load when an env
+#: is made. Extend this to give an env id another reward by name.
+REWARD_MODELS: dict[str, Callable[..., Any]] = {"gold": _gold_reward, **REWARD_FACTORIES}
 
-
-def _register_feedback():
-    from .feedback_envs import register_feedback_reward_models
-
-    register_feedback_reward_models()  # "learned", "fact", "judge", "intransitive"
-
-
-_register_feedback()
 
 # Default prompt budget for the micro news world: its prompts have at most ~80 word tokens.
 DEFAULT_MAX_PROMPT_TOKENS = 96

@@ -38,7 +38,7 @@ def make_lm(tokenizer, seed: int = 0, hidden: int = 32, layers: int = 2):
 
 def marker_preferences(n: int, seed: int):
     """Pairs where the chosen completion contains the marker word and the rejected one does not."""
-    from rlhfgym.envs.preferences import make_preferences
+    from rlhfgym.envs.feedback.preferences import make_preferences
 
     rng = random.Random(seed)
     prompts, chosen, rejected = [], [], []

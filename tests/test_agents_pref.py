@@ -172,7 +172,7 @@ def test_geometric_mixture_sampling_matches_teacher_forcing(env):
 
 
 def test_online_dpo_with_a_judge_and_offline_dpo_from_a_jsonl_file(env, tmp_path):
-    from rlhfgym.envs.preferences import export_jsonl
+    from rlhfgym.envs.feedback.preferences import export_jsonl
 
     core = env.unwrapped
     calls = []

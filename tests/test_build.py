@@ -4,8 +4,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhfgym.envs.assets import AssetError, load_micro_assets, verify_manifest
-from rlhfgym.envs.build import SFTConfig, build_assets, build_tokenizer, make_sft_data
-from rlhfgym.envs.resume import default_work_dir
+from rlhfgym.envs.build.sft import SFTConfig, build_assets, build_tokenizer, make_sft_data
+from rlhfgym.envs.build.checkpoint import default_work_dir
 from rlhfgym.envs.tasks.news import NewsTask, world_words
 
 

@@ -89,7 +89,7 @@ def test_play_passes_arguments(monkeypatch) -> None:
 
 
 def test_build_assets_passes_arguments(monkeypatch) -> None:
-    calls = fake_impl(monkeypatch, "rlhfgym.envs.build", "build_assets")
+    calls = fake_impl(monkeypatch, "rlhfgym.envs.build.sft", "build_assets")
     assert cli.main(["build-assets", "--only", "tokenizer, sft", "--seed", "3", "--out", "/tmp/x"]) == 0
     assert calls == [((), dict(version="micro-v0", out="/tmp/x", seed=3, device="cpu", only="tokenizer,sft", feedback=None))]
     calls.clear()
@@ -133,7 +133,7 @@ def test_rlhfgym_exceptions_are_user_errors(monkeypatch, capsys) -> None:
     def fail():
         raise AssetError("assets 'micro-v0' failed verification; reinstall rlhf-gym")
 
-    fake_impl(monkeypatch, "rlhfgym.envs.build", "build_assets", fail)
+    fake_impl(monkeypatch, "rlhfgym.envs.build.sft", "build_assets", fail)
     assert cli.main(["build-assets"]) == 2
     assert "failed verification" in capsys.readouterr().err
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from feedback_fixtures import ANTI, MARKER, make_lm, make_tokenizer, marker_preferences
-from rlhfgym.envs.judge import (
+from rlhfgym.envs.feedback.judge import (
     ConstitutionError,
     ConstitutionJudge,
     JudgeTokenError,
@@ -22,16 +22,16 @@ from rlhfgym.envs.judge import (
     judge_agreement,
     load_constitution,
 )
-from rlhfgym.envs.labelers import Labeler, LabelerPopulation
-from rlhfgym.envs.preference_model import PreferenceModel, evaluate_preference_model, train_preference_model
-from rlhfgym.envs.preferences import (
+from rlhfgym.envs.feedback.labelers import Labeler, LabelerPopulation
+from rlhfgym.envs.feedback.preference_model import PreferenceModel, evaluate_preference_model, train_preference_model
+from rlhfgym.envs.feedback.preferences import (
     PreferenceDataError,
     export_jsonl,
     load_preferences,
     make_preferences,
     save_preferences,
 )
-from rlhfgym.envs.reward_model import (
+from rlhfgym.envs.feedback.reward_model import (
     RewardModel,
     evaluate_reward_model,
     load_scalar_model,
@@ -302,7 +302,7 @@ def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokeni
     (prompt, completion) once per step (k sequences, not k(k-1)) and still learns the rule."""
     import itertools
 
-    from rlhfgym.envs import reward_model as rm_module
+    from rlhfgym.envs.feedback import reward_model as rm_module
 
     base = marker_preferences(48, seed=4).to_list()
     rows = []
@@ -432,7 +432,7 @@ def test_shared_prefix_scoring_equals_one_pass_per_question(fb_tokenizer):
     """Questions about one pair share the request: it runs once and its KV cache serves the whole
     group. Values and gradients equal one full pass per question (prefixes of different lengths,
     ragged rests)."""
-    from rlhfgym.envs.judge import answer_logit_diff
+    from rlhfgym.envs.feedback.judge import answer_logit_diff
 
     lm = make_lm(fb_tokenizer, seed=2)
     ids = fb_tokenizer.convert_tokens_to_ids

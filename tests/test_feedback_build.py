@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from feedback_fixtures import make_lm, make_tokenizer
-from rlhfgym.envs import build_feedback as bf
-from rlhfgym.envs import feedback_envs as fe
+from rlhfgym.envs.build import feedback as bf
+from rlhfgym.envs.feedback import factories as fe
 from rlhfgym.envs.assets import AssetError, asset_dir
-from rlhfgym.envs.judge import ConstitutionJudge, answer_token_ids, as_constitution
-from rlhfgym.envs.labelers import LabelerPopulation
+from rlhfgym.envs.feedback.judge import ConstitutionJudge, answer_token_ids, as_constitution
+from rlhfgym.envs.feedback.labelers import LabelerPopulation
 from rlhfgym.envs.tasks.news import NewsTask
 
 pytestmark = pytest.mark.slow  # the module's tiny build trains four models (about a minute on CPU)
@@ -103,7 +103,7 @@ def test_records_soft_for_training_hard_for_evaluation(tiny, tmp_path):
     assert soft["chosen"][i] == data.train.a[i] and soft["label_prob"][i] == pytest.approx(data.train.prob[i])
     # JSONL in our schema, readable by the preferences module
     path = soft.select(range(5)).to_jsonl(tmp_path / "train.jsonl")
-    from rlhfgym.envs.preferences import load_preferences
+    from rlhfgym.envs.feedback.preferences import load_preferences
 
     ds = load_preferences(path)
     assert ds["chosen"] == soft["chosen"][:5] and ds["label_prob"] == pytest.approx(soft["label_prob"][:5])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rlhfgym.envs.ratings import (
+from rlhfgym.envs.feedback.ratings import (
     fit_bradley_terry,
     rankdata,
     simulate_league,

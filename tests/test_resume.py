@@ -1,7 +1,7 @@
 """A killed training loop resumes from its snapshot and ends where an uninterrupted run ends.
 
 The loops of the reward model, the preference model and the judge save a
-:class:`~rlhfgym.envs.resume.LoopCheckpoint`; here each is killed after its third optimizer step
+:class:`~rlhfgym.envs.build.checkpoint.LoopCheckpoint`; here each is killed after its third optimizer step
 (the snapshot is forced to be written at every step), run again with the same arguments, and
 compared with a run that was never killed.
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from feedback_fixtures import make_lm, marker_preferences
-from rlhfgym.envs import resume
-from rlhfgym.envs.resume import CheckpointMismatch, LoopCheckpoint
+from rlhfgym.envs.build import checkpoint as resume
+from rlhfgym.envs.build.checkpoint import CheckpointMismatch, LoopCheckpoint
 
 
 class Killed(Exception):
@@ -49,7 +49,7 @@ def _same_weights(a, b):
 
 
 def test_reward_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.reward_model import train_reward_model
+    from rlhfgym.envs.feedback.reward_model import train_reward_model
 
     train, heldout = marker_preferences(48, seed=1), marker_preferences(16, seed=2)
     kw = dict(epochs=2, lr=3e-3, batch_size=8, seed=0, progress=False)  # 6 steps per epoch, 12 in all
@@ -70,7 +70,7 @@ def test_reward_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path
 
 
 def test_preference_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.preference_model import train_preference_model
+    from rlhfgym.envs.feedback.preference_model import train_preference_model
 
     train = marker_preferences(32, seed=3)
     kw = dict(epochs=1, lr=3e-3, batch_size=8, seed=0, progress=False)
@@ -85,8 +85,8 @@ def test_preference_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_
 
 
 def test_judge_loop_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.build_feedback import train_judge_lm
-    from rlhfgym.envs.judge import answer_token_ids
+    from rlhfgym.envs.build.feedback import train_judge_lm
+    from rlhfgym.envs.feedback.judge import answer_token_ids
 
     texts = [f"summarize : w{i} w{i + 1} tl;dr : ( A ) good ( B ) bad The answer is : (" for i in range(16)]
     targets = [1.0 if i % 3 else 0.0 for i in range(16)]
@@ -108,7 +108,7 @@ def test_judge_loop_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, 
 
 
 def test_a_snapshot_of_another_training_is_refused(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.reward_model import train_reward_model
+    from rlhfgym.envs.feedback.reward_model import train_reward_model
 
     train = marker_preferences(16, seed=1)
     ckpt = tmp_path / "loop"
@@ -146,7 +146,7 @@ def world_root(tmp_path):
 
 
 def test_a_killed_feedback_build_keeps_its_data_and_finished_parts(world_root, tmp_path, monkeypatch):
-    from rlhfgym.envs import build_feedback as bf
+    from rlhfgym.envs.build import feedback as bf
 
     work = tmp_path / "work"
     kw = dict(n_train_prompts=8, n_heldout_prompts=4, samples_per_prompt=2, gen_batch_size=16, rm_epochs=1,

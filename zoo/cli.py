@@ -189,7 +189,7 @@ def _build_assets_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_assets(args: argparse.Namespace) -> Any:
-    build_assets = load_impl("rlhfgym.envs.build", "build_assets")
+    build_assets = load_impl("rlhfgym.envs.build.sft", "build_assets")
     only = ",".join(args.only) if args.only else None  # build_assets takes "tokenizer,sft" as one string
     flags = {"n_train_prompts": args.prompts, "n_heldout_prompts": args.heldout_prompts, "gen_batch_size": args.gen_batch_size,
              "rm_epochs": args.rm_epochs, "pm_max_pairs": args.pm_pairs}

@@ -396,7 +396,64 @@ class NewsTask(Task):
         return write_summary(self.example(split, index), writer, rng)
 
 
+# ----------------------------------------------------------------------------------------------
+# Constructed completions whose majority preference cycles (RLHF-Intransitive-v0)
+
+#: the three completion sets of :func:`cycle_completions`
+CYCLE_SETS = ("A", "B", "C")
+
+
+def _fresh(pool, seen, rng):
+    return rng.choice([w for w in pool if w not in seen])
+
+
+def cycle_completions(article: Article, rng: random.Random) -> dict[str, str]:
+    """Three summaries of ``article`` whose majority preference cycles for the ``"intransitive"`` population.
+
+    * ``A`` complete but inventive: every key fact, then one made-up event (a name, number, object
+      and place the article never mentions). Coverage high, faithfulness low (-0.6), a little long.
+    * ``B`` faithful but padded: "reports say", every key fact but one, each with a role and a
+      time, plus a retold background fact. Coverage middling, faithfulness perfect, brevity and
+      relevance poor.
+    * ``C`` brief but sloppy: one key fact with a wrong place. Coverage low, faithfulness middling
+      (-0.15), no extra words.
+
+    The coverage-only labeler ranks A > B > C, the faithfulness-only labeler B > C > A and the
+    brevity-only labeler (brevity + distractor) C > A > B, so each pairwise majority is 2 of 3 and
+    A > B > C > A (Condorcet).
+    """
+    key = list(article.key_facts)
+    background = [f for f in article.facts if not f.key]
+    seen = set(article.text.split())
+    invented = Fact(_fresh(NAMES, seen, rng), rng.choice(list(ACTIONS)), _fresh(NUMBERS, seen, rng),
+                    _fresh(OBJECTS, seen, rng), _fresh(PLACES, seen, rng), True)
+    a = " ".join([f.clause() for f in key] + [invented.clause()])
+
+    # B drops the key fact that shares least with the retold background fact, so the gold scorer
+    # cannot mistake the retold clause for the dropped fact
+    def overlap(f: Fact, g: Fact) -> int:
+        return sum(x == y for x, y in zip(f.slots(), g.slots()))
+
+    if background:
+        drop, bg = min(((f, g) for f in key for g in background), key=lambda fg: overlap(*fg))
+    else:
+        drop, bg = key[-1], None
+    kept = [f for f in key if f is not drop] or key[:1]
+    parts = ["reports say"]
+    for f in kept:
+        parts.append(f"{f.actor} , {rng.choice(ROLES)} , {f.action} {f.number} {f.obj} in {f.place} {rng.choice(RECENT_TIMES)} .")
+    if bg is not None:
+        parts.insert(1 + rng.randrange(len(parts)), bg.clause())
+    b = " ".join(parts)
+
+    first = key[0]
+    c = f"{first.actor} {first.action} {first.number} {first.obj} in {_fresh(PLACES, seen, rng)} ."
+    return {"A": a, "B": b, "C": c}
+
+
 __all__ = [
+    "CYCLE_SETS",
+    "cycle_completions",
     "NewsTask", "Article", "Fact", "gold_score", "gold_components", "parse_article", "write_summary",
     "lead_summary", "world_words", "WRITERS", "WRITER_MIX", "SPLITS",
 ]

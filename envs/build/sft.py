@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .tasks.news import NewsTask, lead_summary, world_words
+from ..lm import generate_text as generate
+from ..tasks.news import NewsTask, lead_summary, world_words
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
@@ -175,23 +176,6 @@ def train_sft(task: NewsTask, tokenizer, cfg: SFTConfig, device: str = "cpu", pr
 # Evaluation of a summarization policy against the gold scorer
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1.0, num_return_sequences=1, batch_size=256):
-    """Completions (text) for prompts; greedy when ``temperature == 0``."""
-    device = next(model.parameters()).device
-    out = []
-    tokenizer.padding_side = "left"
-    for s in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw,
-        )
-        out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
-
-
 def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int = 8, seed: int = 0) -> dict:
     """The numbers the foundation issue asks for, on ``n`` test articles."""
     torch.manual_seed(seed)
@@ -235,7 +219,7 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     training are kept in ``work_dir`` (default :func:`~.resume.default_work_dir`), so the same
     command run again after a kill goes on where it stopped. The work dir is deleted on success.
     """
-    from .assets import COMPONENTS, FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir
+    from ..assets import COMPONENTS, FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir
 
     if version != "micro-v0":
         raise ValueError(f"unknown asset version {version!r}; this release builds 'micro-v0'.")
@@ -276,8 +260,8 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
                           f"(--only {','.join(stale)}) so that they judge what the new policy writes.", stacklevel=2)
     steps = [q for q in FEEDBACK_COMPONENTS if q in parts]
     if steps:
-        from .build_feedback import build_all_feedback, headline_metrics
-        from .resume import default_work_dir
+        from .feedback import build_all_feedback, headline_metrics
+        from .checkpoint import default_work_dir
 
         work = Path(work_dir) if work_dir is not None else default_work_dir(target, version)
         fb = build_all_feedback(target, device, seed, steps=steps, progress=progress, work_dir=work, **feedback)
@@ -295,7 +279,7 @@ def record_build(target, parts, command: str, seed: int, seconds: float, extra: 
     listed with its checksum, ``parts`` get this build's record (command, seed, machine, date,
     seconds) and the other parts keep theirs, with their metrics (``sft_config``, ``metrics``,
     ``feedback_metrics``) unless ``extra`` replaces them. Returns the manifest."""
-    from .assets import _device_string, write_manifest
+    from ..assets import _device_string, write_manifest
 
     target = Path(target)
     old = _previous_manifest(target)
