@@ -14,11 +14,13 @@ completions per prompt, sampled in one batch with the policy's KV cache.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .base import Agent, AgentError
+from .common import AgentConfig, param, parse_config
 from .policy import CausalLMPolicy
 
 
@@ -27,22 +29,26 @@ class BestOfN(Agent):
 
     Args:
         policy: the :class:`CausalLMPolicy` to sample from; None = a copy of the env's reference model.
-        n: samples per prompt, >= 1 (n = 1 is plain sampling).
-        temperature: sampling temperature of the candidates, > 0.
-        batch_size: prompts per sampling batch (``batch_size * n`` rows at once).
+        hyperparameters: the fields of :class:`BestOfN.Config`.
     """
+
+    @dataclass
+    class Config(AgentConfig):
+        """Hyperparameters of :class:`BestOfN`.
+
+        n: samples per prompt, >= 1 (n = 1 is plain sampling).
+        temperature: sampling temperature of the candidates, > 0 (n greedy samples would all be equal).
+        batch_size: prompts per sampling batch (``batch_size * n`` rows at once).
+        """
+
+        n: int = param(4, low=1)
+        temperature: float = param(1.0, low=0, low_open=True)
+        batch_size: int = param(64, low=1)
 
     name = "best-of-n"
 
-    def __init__(self, policy: CausalLMPolicy | None = None, *, n: int = 4, temperature: float = 1.0,
-                 batch_size: int = 64, device: str = "cpu", seed: int = 0):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise AgentError(f"best-of-n: n must be an int >= 1 (samples per prompt), got {n!r}.")
-        if not temperature > 0:
-            raise AgentError(f"best-of-n: temperature must be > 0 (n greedy samples would all be equal), got {temperature}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise AgentError(f"best-of-n: batch_size must be an int >= 1, got {batch_size!r}.")
-        super().__init__(policy, device=device, seed=seed, n=n, temperature=temperature, batch_size=batch_size)
+    def __init__(self, policy: CausalLMPolicy | None = None, **hyperparameters):
+        super().__init__(policy, **parse_config(self.Config, self.name, hyperparameters))
         self.score_fn: Callable[[Sequence[str], Sequence[str]], torch.Tensor] | None = None
 
     def learn(self, env, budget: int, callback=None, *, checkpoint_dir: str | Path | None = None,

@@ -38,16 +38,11 @@ passed to :meth:`learn`, e.g. a preference model or a constitution judge).
 Budget: completions consumed; a pair costs 2 the first time it is trained on (further epochs over
 the same pairs are free, as PPO's epochs over one batch of samples are).
 
-This module also holds the plumbing shared by the preference-family agents (``rest.py`` and
-``nash_md.py`` import it): env/policy checks, checkpoint-and-resume, TensorBoard and progress.
+The plumbing (training runs, resume, seeding, prompt sampling, log-prob helpers) is in ``common.py``.
 """
 
 from __future__ import annotations
 
-import math
-import random
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,9 +51,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import Agent, AgentError, TrainingRun, check_policy_env, load_train_state, reference_for, save_train_state
+from .base import AgentError, check_policy_env
+from .common import (  # noqa: F401  (reference_policy and TrainingAgent: re-exported for one release)
+    TrainingAgent,
+    TrainingRun,
+    as_preference_fn,
+    batched_logps,
+    AgentConfig,
+    draw_prompts,
+    env_core,
+    env_prefer,
+    labeler_population,
+    mean_gold,
+    pad_cat,
+    param,
+    preference_probs,
+    reference_for,
+    reference_policy,
+    sequence_logps,
+    sub_seed,
+)
 
-__all__ = ["DPO", "KTO", "TrainingAgent", "make_preference_pairs", "LOSS_TYPES"]
+__all__ = ["DPO", "KTO", "TrainingAgent", "make_preference_pairs", "LOSS_TYPES", "dpo_losses", "kto_z0", "kto_losses"]
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 #: ``labelers=ENV_LABELS``: pairs are labelled by the env's own pairwise oracle, ``env.unwrapped.prefer``
@@ -66,130 +80,58 @@ ENV_LABELS = "env"
 
 
 # ============================================================================================
-# Plumbing shared by DPO, KTO, ReST and Nash-MD
+# The losses: pure functions of tensors (the agents' loss() calls them; tests/test_agent_math.py
+# checks them by hand)
 # ============================================================================================
 
 
-def check_range(name: str, agent: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """Raise :class:`AgentError` unless ``low (<|<=) value (<|<=) high``; returns the value."""
-    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
-    if bad_type or (isinstance(value, float) and not math.isfinite(value)):
-        raise AgentError(f"{agent}: {name} must be a{'n integer' if integer else ' finite number'}, got {value!r}.")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
-        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        raise AgentError(f"{agent}: {name} must satisfy {lo}{name}{hi}, got {value!r}.")
-    return value
+def dpo_losses(h: torch.Tensor, label_prob: torch.Tensor, *, beta: float, loss_type: str = "sigmoid",
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO-family losses (B,) of the log-ratio margins
+    ``h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]``::
+
+        sigmoid (DPO):  l(h) = -log sigmoid(beta h)
+        ipo     (IPO):  l(h) = (h - 1/(2 beta))^2
+        hinge   (SLiC): l(h) = max(0, 1 - beta h)
+
+        q    = (1 - eps) p + eps (1 - p)        p = label_prob = P(y_w > y_l), eps = label_smoothing
+        loss = q l(h) + (1 - q) l(-h)           (eps > 0 with sigmoid: conservative DPO)
+    """
+    if loss_type == "sigmoid":      # -log sigmoid(beta h)
+        ell = lambda z: -F.logsigmoid(beta * z)  # noqa: E731
+    elif loss_type == "ipo":        # (h - 1/(2 tau))^2, tau = beta
+        ell = lambda z: (z - 1.0 / (2.0 * beta)) ** 2  # noqa: E731
+    elif loss_type == "hinge":      # max(0, 1 - beta h)
+        ell = lambda z: F.relu(1.0 - beta * z)  # noqa: E731
+    else:
+        raise AgentError(f"unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}.")
+    q = (1.0 - label_smoothing) * label_prob + label_smoothing * (1.0 - label_prob)
+    return q * ell(h) + (1.0 - q) * ell(-h)
 
 
-def env_core(env, agent: str):
-    """``env.unwrapped`` after checking it offers the sequence-level access agents need."""
-    core = getattr(env, "unwrapped", env)
-    missing = [a for a in ("tokenizer", "reference_model", "prompts", "score", "task") if not hasattr(core, a)]
-    if missing:
-        raise AgentError(
-            f"{agent}: env {env!r} lacks {missing}; pass an rlhf-gym env such as gym.make('RLHF-Summarize-Gold-v0')."
-        )
-    return core
+def kto_z0(logp_mismatched: torch.Tensor, ref_logp_mismatched: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point: a detached estimate of KL(pi || pi_ref) from the sequence log-probs of
+    mismatched (prompt, completion) pairs of the batch (x_i, y_{i+1}), clipped at 0::
+
+        z0 = sg( max(0, mean_i[log pi(y_{i+1}|x_i) - log pi_ref(y_{i+1}|x_i)]) )
+    """
+    return (logp_mismatched - ref_logp_mismatched).mean().clamp(min=0).detach()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def kto_losses(r: torch.Tensor, desirable: torch.Tensor, z0: torch.Tensor, *, beta: float,
+               desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-example KTO losses (B,) of the implicit rewards ``r = log pi(y|x) - log pi_ref(y|x)``::
+
+        desirable:    lambda_D (1 - sigmoid(beta (r - z0)))
+        undesirable:  lambda_U (1 - sigmoid(beta (z0 - r)))
+    """
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
 
 
-def sub_seed(seed: int, *keys: int) -> int:
-    """A deterministic seed for (seed, round, ...): lets a resumed run redraw exactly the same data."""
-    return int(np.random.SeedSequence([int(seed) % 2**32, *[int(k) % 2**32 for k in keys]]).generate_state(1)[0])
-
-
-def train_prompts(core, n: int, seed: int) -> list[str]:
-    """``n`` training prompts drawn (without replacement when the split is large enough) with ``seed``."""
-    size = core.task.split_size("train")
-    rng = np.random.default_rng(seed)
-    return [core.task.prompt("train", int(i)) for i in rng.choice(size, n, replace=size < n)]
-
-
-def pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
-    """Stack two (B, T) tensors along the batch after right-padding to the same T."""
-    t = max(a.shape[1], b.shape[1])
-    a = F.pad(a, (0, t - a.shape[1]), value=value)
-    b = F.pad(b, (0, t - b.shape[1]), value=value)
-    return torch.cat([a, b], 0)
-
-
-def trim(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop trailing columns that are padding in every row (less compute in teacher forcing)."""
-    t = max(int(mask.sum(1).max()), 1) if mask.numel() else 1
-    return tokens[:, :t], mask[:, :t]
-
-
-def sequence_logps(policy, prompt_ids, tokens, mask, *, model=None) -> torch.Tensor:
-    """sum_t log pi(y_t | x, y_<t) for each row, (B,) (gradients flow unless the caller disables them)."""
-    tokens, mask = trim(tokens, mask)
-    return policy.forward_logprobs(prompt_ids, tokens, mask, model=model).sum(-1)
-
-
-@torch.no_grad()
-def batched_logps(policy, prompt_ids, tokens, mask, *, model=None, batch_size: int = 64) -> torch.Tensor:
-    """:func:`sequence_logps` without gradients, in chunks (reference log-probs, evaluation)."""
-    out = []
-    for s in range(0, len(prompt_ids), batch_size):
-        out.append(sequence_logps(policy, prompt_ids[s:s + batch_size], tokens[s:s + batch_size],
-                                  mask[s:s + batch_size], model=model).float())
-    return torch.cat(out) if out else torch.zeros(0, device=policy.device)
-
-
-def _mean_gold(core, prompts, completions) -> float:
-    """Mean gold score of completions (reported only, never trained on); NaN without a gold scorer."""
-    if not getattr(core.task, "has_gold", False):
-        return float("nan")
-    return float(np.mean(core.gold(list(prompts), list(completions))))
-
-
-def labeler_population(core, name: str, temperature: float | None, flip_prob: float | None):
-    from rlhfgym.envs.feedback.labelers import LabelerPopulation
-
-    return LabelerPopulation.preset(name, core.task, temperature=temperature, flip_prob=flip_prob)
-
-
-def env_prefer(core) -> Callable | None:
-    """The env's own pairwise oracle ``(prompts, a, b) -> P(a > b)``: ``env.unwrapped.prefer``, or
-    its reward model's ``prefer`` (feedback envs); None when it has neither."""
-    fn = getattr(core, "prefer", None) or getattr(getattr(core, "reward_model", None), "prefer", None)
-    return fn if callable(fn) else None
-
-
-def as_preference_fn(fn, agent: str) -> Callable:
-    """A callable ``(prompts, a, b) -> P(a > b)``: a function or an object with ``prefer``."""
-    if fn is None:
-        return None
-    if hasattr(fn, "prefer") and callable(fn.prefer):
-        return fn.prefer
-    if callable(fn):
-        return fn
-    raise AgentError(f"{agent}: a judge/preference must be callable(prompts, a, b) -> P(a > b) or have .prefer(); got {fn!r}.")
-
-
-def preference_probs(fn, prompts, a, b, agent: str) -> torch.Tensor:
-    p = torch.as_tensor(fn(list(prompts), list(a), list(b)), dtype=torch.float32).detach().cpu().reshape(-1)
-    if p.shape[0] != len(prompts) or not bool(((p >= 0) & (p <= 1)).all()):
-        raise AgentError(f"{agent}: the preference function must return {len(prompts)} probabilities in [0, 1], got {p}.")
-    return p
-
-
-def reference_policy(core, model=None):
-    """A :class:`CausalLMPolicy` view of the frozen reference (``model``, default the env's own), with
-    the env's window; it stays on its device (pass ``reference_for(policy, env)`` for the policy's)."""
-    from .policy import CausalLMPolicy
-
-    model = core.reference_model if model is None else model
-    inner = getattr(core, "core", core)
-    return CausalLMPolicy(model, core.tokenizer, max_prompt_tokens=getattr(inner, "max_prompt_tokens", 96),
-                          max_new_tokens=core.max_new_tokens, device=next(model.parameters()).device)
+# ============================================================================================
+# Preference data from the env
+# ============================================================================================
 
 
 def make_preference_pairs(env, n_pairs: int, split: str = "train", *, policy=None, labelers: str = "gold",
@@ -239,72 +181,6 @@ def label_pairs(core, prompts, a, b, *, labelers, labeler_temperature, labeler_f
     rejected = [y if k else x for x, y, k in zip(a, b, pick_a)]
     label_prob = np.where(pick_a, p, 1 - p) if soft_labels else np.ones(len(p))
     return make_preferences(list(prompts), chosen, rejected, label_prob.tolist(), "judge"), pick_a
-
-
-class TrainingAgent(Agent):
-    """What the preference-family agents share around their updates (the run itself, with resume,
-    TensorBoard, tqdm and the callback, is :class:`~rlhfgym.agents.base.TrainingRun`).
-
-    ``trainer_state`` holds the algorithm's counters (and whatever data a resumed run needs, e.g.
-    ReST's Grow set); it is saved with the optimizer beside the policy, so ``learn(...,
-    checkpoint_dir=d)`` resumes an interrupted run where its last checkpoint left it. Data are
-    drawn from seeds derived from ``(seed, round)``, so a resumed run sees what the uninterrupted
-    one would have seen.
-    """
-
-    def __init__(self, policy=None, *, device: str = "cpu", seed: int = 0, **config: Any):
-        super().__init__(policy, device=device, seed=seed, **config)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.trainer_state: dict[str, Any] = {}
-        self._pending_optimizer: dict | None = None
-
-    def _start(self, run, env) -> tuple[Any, Any, bool]:
-        """Resume (when ``run`` finds a checkpoint), build the policy and check it against the env.
-        Returns ``(env.unwrapped, reference model, resumed)``; a fresh run starts a fresh state."""
-        from .policy import CausalLMPolicy
-
-        core = env_core(env, self.name)
-        resumed = run.resume()
-        if not resumed:
-            self.trainer_state = {}
-        if self.policy is None:
-            self.policy = CausalLMPolicy.from_env(env, device=self.device)
-        if not any(p.requires_grad for p in self.policy.parameters()):
-            # e.g. a copy of the env's pi_ref made after reference_for() froze it in place
-            warnings.warn(f"{self.name}: every parameter of the policy was frozen; training all of them.", stacklevel=3)
-            self.policy.requires_grad_(True)
-        check_policy_env(self, self.policy, core)
-        return core, reference_for(self.policy, core), resumed
-
-    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """AdamW over the policy; a checkpoint's optimizer state is restored (with this config's lr)."""
-        opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        if self._pending_optimizer is not None:
-            opt.load_state_dict(self._pending_optimizer)
-            self._pending_optimizer = None
-            for group in opt.param_groups:
-                group["lr"] = lr
-        self.optimizer = opt
-        return opt
-
-    def _step(self, loss: torch.Tensor) -> float:
-        """One optimizer step with gradient clipping; returns the gradient norm."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config["max_grad_norm"])
-        self.optimizer.step()
-        return float(norm)
-
-    def save_extra(self, directory: Path) -> None:
-        if self.optimizer is not None or self.trainer_state:
-            save_train_state(directory, {"optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                                         "state": self.trainer_state})
-
-    def load_extra(self, directory: Path) -> None:
-        blob = load_train_state(directory, device=self.device)
-        if blob is not None:
-            self._pending_optimizer = blob.get("optimizer")
-            self.trainer_state = dict(blob.get("state") or {})
 
 
 # ============================================================================================
@@ -369,6 +245,31 @@ def resolve_dataset(dataset, agent: str):
 # ============================================================================================
 
 
+@dataclass
+class PreferenceConfig(AgentConfig):
+    """The data and optimiser hyperparameters DPO and KTO share (see :class:`DPO`)."""
+
+    learning_rate: float = param(5e-5, low=0, low_open=True)
+    batch_size: int = param(16, low=1)
+    epochs: int = param(1, low=1)
+    max_grad_norm: float = param(1.0, low=0, low_open=True)
+    online: bool = False
+    pairs_per_round: int = param(64, low=1)
+    temperature: float = param(1.0, low=0, low_open=True)
+    labelers: str = "gold"
+    labeler_temperature: float | None = param(None, low=0)
+    labeler_flip_prob: float | None = param(None, low=0, high=1)
+    soft_labels: bool = False
+    dataset: str | None = None
+
+    def check(self, agent: str) -> None:
+        from rlhfgym.envs.feedback.labelers import PRESETS
+
+        if self.labelers not in PRESETS and self.labelers != ENV_LABELS:
+            raise AgentError(f"{agent}: unknown labelers preset {self.labelers!r}; use one of {', '.join(PRESETS)} "
+                             f"or {ENV_LABELS!r} (the env's prefer()).")
+
+
 class DPO(TrainingAgent):
     """Direct preference optimisation (sigmoid / IPO / hinge losses), offline or online.
 
@@ -391,49 +292,24 @@ class DPO(TrainingAgent):
         dataset: a path to a preference dataset (JSON-serialisable form of ``learn(dataset=...)``).
     """
 
+    @dataclass
+    class Config(PreferenceConfig):
+        """Hyperparameters of :class:`DPO` (see the class docstring)."""
+
+        beta: float = param(0.1, low=0, low_open=True)
+        loss_type: str = param("sigmoid", choices=LOSS_TYPES)
+        label_smoothing: float = param(0.0, low=0, high=0.5, high_open=True)
+
     name = "dpo"
 
-    def __init__(self, policy=None, *, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 learning_rate: float = 5e-5, batch_size: int = 16, epochs: int = 1, max_grad_norm: float = 1.0,
-                 online: bool = False, pairs_per_round: int = 64, temperature: float = 1.0,
-                 labelers: str = "gold", labeler_temperature: float | None = None,
-                 labeler_flip_prob: float | None = None, soft_labels: bool = False, dataset: str | None = None,
-                 **kwargs: Any):
-        n = self.name
-        check_range("beta", n, beta, low=0, low_open=True)
-        if loss_type not in LOSS_TYPES:
-            raise AgentError(f"{n}: unknown loss_type {loss_type!r}; use one of {', '.join(LOSS_TYPES)}.")
-        check_range("label_smoothing", n, label_smoothing, low=0, high=0.5, high_open=True)
-        super().__init__(policy, beta=float(beta), loss_type=loss_type, label_smoothing=float(label_smoothing),
-                         **self._common_config(learning_rate, batch_size, epochs, max_grad_norm, online, pairs_per_round,
-                                               temperature, labelers, labeler_temperature, labeler_flip_prob,
-                                               soft_labels, dataset), **kwargs)
-
-    def _common_config(self, learning_rate, batch_size, epochs, max_grad_norm, online, pairs_per_round, temperature,
-                       labelers, labeler_temperature, labeler_flip_prob, soft_labels, dataset) -> dict[str, Any]:
-        from rlhfgym.envs.feedback.labelers import PRESETS
-
-        n = self.name
-        check_range("learning_rate", n, learning_rate, low=0, low_open=True)
-        check_range("batch_size", n, batch_size, low=1, integer=True)
-        check_range("epochs", n, epochs, low=1, integer=True)
-        check_range("max_grad_norm", n, max_grad_norm, low=0, low_open=True)
-        check_range("pairs_per_round", n, pairs_per_round, low=1, integer=True)
-        check_range("temperature", n, temperature, low=0, low_open=True)
-        if labelers not in PRESETS and labelers != ENV_LABELS:
-            raise AgentError(f"{n}: unknown labelers preset {labelers!r}; use one of {', '.join(PRESETS)} "
-                             f"or {ENV_LABELS!r} (the env's prefer()).")
-        if labeler_temperature is not None:
-            check_range("labeler_temperature", n, labeler_temperature, low=0)
-        if labeler_flip_prob is not None:
-            check_range("labeler_flip_prob", n, labeler_flip_prob, low=0, high=1)
+    def __init__(self, policy=None, **hyperparameters: Any):
+        dataset = hyperparameters.get("dataset")
         if dataset is not None and not isinstance(dataset, (str, Path)):
-            raise AgentError(f"{n}: dataset= in the constructor must be a path; pass a Dataset object to learn(dataset=...).")
-        return dict(learning_rate=float(learning_rate), batch_size=batch_size, epochs=epochs,
-                    max_grad_norm=float(max_grad_norm), online=bool(online), pairs_per_round=pairs_per_round,
-                    temperature=float(temperature), labelers=labelers, labeler_temperature=labeler_temperature,
-                    labeler_flip_prob=labeler_flip_prob, soft_labels=bool(soft_labels),
-                    dataset=None if dataset is None else str(dataset))
+            raise AgentError(f"{self.name}: dataset= in the constructor must be a path; "
+                             "pass a Dataset object to learn(dataset=...).")
+        if isinstance(dataset, Path):
+            hyperparameters["dataset"] = str(dataset)
+        super().__init__(policy, **hyperparameters)
 
     # ------------------------------------------------------------------ the loss
     def loss(self, batch: Pairs) -> tuple[torch.Tensor, dict[str, float]]:
@@ -448,17 +324,10 @@ class DPO(TrainingAgent):
         ratio_w = logp_w - batch.ref_chosen
         ratio_l = logp_l - batch.ref_rejected
         h = ratio_w - ratio_l
-        if cfg["loss_type"] == "sigmoid":      # -log sigmoid(beta h)
-            ell = lambda z: -F.logsigmoid(beta * z)  # noqa: E731
-        elif cfg["loss_type"] == "ipo":        # (h - 1/(2 tau))^2, tau = beta
-            ell = lambda z: (z - 1.0 / (2.0 * beta)) ** 2  # noqa: E731
-        else:                                   # hinge: max(0, 1 - beta h)
-            ell = lambda z: F.relu(1.0 - beta * z)  # noqa: E731
-        # soft labels and label smoothing: q = (1 - eps) p + eps (1 - p);  loss = q l(h) + (1 - q) l(-h)
+        # l(h) = -log sigmoid(beta h) | (h - 1/(2 beta))^2 | max(0, 1 - beta h); soft labels and label
+        # smoothing: q = (1 - eps) p + eps (1 - p);  loss = q l(h) + (1 - q) l(-h)
         p = batch.label_prob.to(h.device)
-        eps = cfg["label_smoothing"]
-        q = (1.0 - eps) * p + eps * (1.0 - p)
-        loss = (q * ell(h) + (1.0 - q) * ell(-h)).mean()
+        loss = dpo_losses(h, p, beta=beta, loss_type=cfg["loss_type"], label_smoothing=cfg["label_smoothing"]).mean()
         with torch.no_grad():
             decided = p != 0.5
             agree = ((h > 0) == (p > 0.5)).float()[decided]
@@ -486,14 +355,13 @@ class DPO(TrainingAgent):
         """
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
-            core, ref, resumed = self._start(run, env)
+            core, ref, resumed = self.start(run, env)  # resume, policy, checks, seeding
             self._ref = ref
             judge = as_preference_fn(judge, self.name)
             st = self.trainer_state
             if not resumed:
-                seed_everything(self.seed)
                 st.update(run_start=self.spent, step=0, round=0)
-            self._make_optimizer(self.config["learning_rate"])
+            self.make_optimizer("adamw", self.config["learning_rate"], weight_decay=0.0)
             if self.config["online"]:
                 self._learn_online(run, core, ref, judge)
             else:
@@ -505,7 +373,7 @@ class DPO(TrainingAgent):
         """One gradient step on a batch; returns its metrics."""
         self.policy.train()
         loss, metrics = self.loss(batch)
-        metrics["grad_norm"] = self._step(loss)
+        metrics["grad_norm"] = self.step(loss)
         self.trainer_state["step"] += 1
         return metrics
 
@@ -566,7 +434,7 @@ class DPO(TrainingAgent):
         cfg, st = self.config, self.trainer_state
         while run.remaining >= 2 and not run.stopped:
             n = min(cfg["pairs_per_round"], run.remaining // 2)
-            prompts = train_prompts(core, n, sub_seed(self.seed, 2, st["round"]))
+            prompts = draw_prompts(core, n, sub_seed(self.seed, 2, st["round"]))
             torch.manual_seed(sub_seed(self.seed, 3, st["round"]))
             # two completions per prompt from the current policy, labelled by the labelers / judge
             a = self.policy.sample(prompts, temperature=cfg["temperature"])
@@ -583,7 +451,7 @@ class DPO(TrainingAgent):
                     history.append(self._update(data.select(order[s:s + cfg["batch_size"]])))
             st["round"] += 1
             metrics = {k: float(np.nanmean([m[k] for m in history])) for k in history[0]}
-            metrics["gold"] = _mean_gold(core, prompts * 2, a.texts + b.texts)
+            metrics["gold"] = mean_gold(core, prompts * 2, a.texts + b.texts)
             run.update(2 * n, metrics)
 
     def _pairs_from_rollouts(self, a, b, picked_a, label_prob, ref) -> "Pairs":
@@ -673,24 +541,16 @@ class KTO(DPO):
         the rest: as :class:`DPO`.
     """
 
-    name = "kto"
+    @dataclass
+    class Config(PreferenceConfig):
+        """Hyperparameters of :class:`KTO` (see the class docstring)."""
 
-    def __init__(self, policy=None, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-                 learning_rate: float = 1e-4, batch_size: int = 16, epochs: int = 1, max_grad_norm: float = 1.0,
-                 online: bool = False, pairs_per_round: int = 64, temperature: float = 1.0,
-                 labelers: str = "gold", labeler_temperature: float | None = None,
-                 labeler_flip_prob: float | None = None, soft_labels: bool = False, dataset: str | None = None,
-                 **kwargs: Any):
-        n = self.name
-        check_range("beta", n, beta, low=0, low_open=True)
-        check_range("desirable_weight", n, desirable_weight, low=0, low_open=True)
-        check_range("undesirable_weight", n, undesirable_weight, low=0, low_open=True)
-        TrainingAgent.__init__(
-            self, policy, beta=float(beta), desirable_weight=float(desirable_weight),
-            undesirable_weight=float(undesirable_weight),
-            **self._common_config(learning_rate, batch_size, epochs, max_grad_norm, online, pairs_per_round,
-                                  temperature, labelers, labeler_temperature, labeler_flip_prob, soft_labels, dataset),
-            **kwargs)
+        learning_rate: float = param(1e-4, low=0, low_open=True)
+        beta: float = param(0.1, low=0, low_open=True)
+        desirable_weight: float = param(1.0, low=0, low_open=True)
+        undesirable_weight: float = param(1.0, low=0, low_open=True)
+
+    name = "kto"
 
     def loss(self, batch: Unpaired) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, policy = self.config, self.policy
@@ -705,14 +565,13 @@ class KTO(DPO):
                 mm_tok, mm_mask = batch.tokens[shift], batch.mask[shift]
                 kl_pi = sequence_logps(policy, batch.prompt_ids, mm_tok, mm_mask)
                 kl_ref = sequence_logps(policy, batch.prompt_ids, mm_tok, mm_mask, model=self._ref)
-                z0 = (kl_pi - kl_ref).mean().clamp(min=0)
+                z0 = kto_z0(kl_pi, kl_ref)  # sg(max(0, mean(log pi - log pi_ref)))
             else:
                 z0 = torch.zeros((), device=r.device)
         d = batch.desirable.to(r.device)
         # desirable: lambda_D (1 - sigmoid(beta (r - z0)));  undesirable: lambda_U (1 - sigmoid(beta (z0 - r)))
-        losses = torch.where(d, cfg["desirable_weight"] * (1 - torch.sigmoid(beta * (r - z0))),
-                             cfg["undesirable_weight"] * (1 - torch.sigmoid(beta * (z0 - r))))
-        loss = losses.mean()
+        loss = kto_losses(r, d, z0, beta=beta, desirable_weight=cfg["desirable_weight"],
+                          undesirable_weight=cfg["undesirable_weight"]).mean()
         with torch.no_grad():
             metrics = {
                 "loss": float(loss),

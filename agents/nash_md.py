@@ -22,7 +22,19 @@ and the argmax is replaced by one gradient step on TRL's loss, for y ~ pi and y'
     loss = beta_kl * KL(pi || pi_ref)  -  (p - 1/2) * sum_t log pi(y_t | s_t)
 
 (the 1/2 is a control variate: beating the opponent half the time is neutral). The KL term is
-also a REINFORCE surrogate on the sampled tokens: ``sum_t sg(log pi(y_t) - log pi_ref(y_t)) log pi(y_t)``.
+a REINFORCE surrogate on the sampled tokens, ``sum_t sg(log pi(y_t|s_t) - log pi_ref(y_t|s_t)) log pi(y_t|s_t)``.
+Its gradient is, in expectation over ``y_t ~ pi(.|s_t)``, the gradient of the *per-state* KL
+``sum_t KL(pi(.|s_t) || pi_ref(.|s_t))`` with the states ``s_t`` (the sampled prefixes) held fixed::
+
+    E_{a ~ pi(.|s)}[ (log pi(a|s) - log pi_ref(a|s)) grad log pi(a|s) ] = grad_theta KL(pi(.|s) || pi_ref(.|s))
+
+(``sum_a pi grad log pi = 0`` removes the other term). It is *not* the gradient of the sequence-level
+KL(pi || pi_ref), which would also credit each token with the log-ratios of the later tokens it leads to
+(a reward-to-go ``sum_{t' >= t}``); TRL's Nash-MD uses the same per-token surrogate.
+
+``log pi`` is the log-probability of the policy that sampled ``y``, i.e. at the sampling ``temperature``
+(as PPO and REINFORCE do); ``log pi_ref`` is the env's reference at temperature 1 (the KL the env's
+objective charges).
 
 Opponents (``opponent``): "mixture" (the current policy, mixed with pi_ref; ``mixture_coef = 0``
 is pure self-play, ``= 1`` a best response to pi_ref), "past" (a uniformly drawn snapshot among
@@ -30,10 +42,19 @@ the last ``n_snapshots`` past policies, mixed with pi_ref: Munos et al.'s mixtur
 policies) or "ema" (an exponential moving average of past parameters, Nash-EMA, mixed with pi_ref).
 
 The preference: a callable passed to :meth:`NashMD.learn` (``(prompts, a, b) -> P(a > b)`` or an
-object with ``prefer``, e.g. a :class:`~rlhfgym.envs.feedback.preference_model.PreferenceModel`), else
-``env.unwrapped.prefer`` (or its reward model's ``prefer``) when the env offers one, else the env's reward model as
-``sigmoid((r(a) - r(b)) / preference_temperature)``; ``preference="labelers"`` uses the env's
-simulated labeler population (its mixture probability, e.g. the non-transitive preset).
+object with ``prefer``, e.g. a :class:`~rlhfgym.envs.feedback.preference_model.PreferenceModel`) wins;
+otherwise the ``preference`` hyperparameter picks one source, explicitly:
+
+* ``"env"`` (default): the env's own pairwise oracle ``env.unwrapped.prefer`` (or its reward model's
+  ``prefer``); every rlhf-gym env has one (the preference model on RLHF-Summarize-v0, the judge on
+  AIF-v0, Bradley-Terry ``sigmoid(r(a) - r(b))`` over the gold score on Gold-v0). An env without one is
+  an error, never a silent fallback.
+* ``"reward"``: Bradley-Terry over the env's reward model, ``sigmoid((r(a) - r(b)) / preference_temperature)``.
+* ``"labelers"``: the env's simulated labeler population ``labelers`` (its mixture probability, e.g.
+  the non-transitive preset).
+
+(``"auto"``, the former default, is a deprecated alias of ``"env"``: its fallback to the reward model could
+never run, since every env core has ``prefer``.)
 
 Budget: two completions per prompt per update (the policy's and the opponent's).
 """
@@ -41,6 +62,8 @@ Budget: two completions per prompt per update (the policy's and the opponent's).
 from __future__ import annotations
 
 import copy
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,26 +71,59 @@ import torch
 
 from rlhfgym.envs.lm import IncrementalLM
 
-from .base import AgentError, TrainingRun, reference_for
-from .dpo import (
+from .base import AgentError
+from .common import (
+    AgentConfig,
     TrainingAgent,
-    _mean_gold,
+    TrainingRun,
     as_preference_fn,
-    check_range,
+    draw_prompts,
     env_core,
     env_prefer,
     labeler_population,
+    mean_gold,
+    param,
     preference_probs,
+    reference_for,
     reference_policy,
-    seed_everything,
     sub_seed,
-    train_prompts,
     trim,
 )
 
-__all__ = ["NashMD", "GeometricMixture", "OPPONENTS"]
+__all__ = ["NashMD", "GeometricMixture", "OPPONENTS", "PREFERENCES", "geometric_mixture_logprobs", "nash_md_loss"]
 
 OPPONENTS = ("mixture", "past", "ema")
+PREFERENCES = ("env", "reward", "labelers")
+
+
+# ---------------------------------------------------------------------------------------------- the math
+# Pure functions of tensors: the sampler and the update call them, tests/test_agent_math.py checks them by hand.
+
+
+def geometric_mixture_logprobs(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token geometric mixture of two next-token distributions (log-probs over the vocabulary, last dim)::
+
+        log pi^mu(. | s) = log_softmax( (1 - beta) log pi(. | s) + beta log pi_ref(. | s) )
+
+    i.e. ``pi^mu ∝ pi^(1 - beta) pi_ref^beta`` normalised over the vocabulary (beta = 0: pi, 1: pi_ref).
+    """
+    return torch.log_softmax((1.0 - beta) * logp + beta * ref_logp, dim=-1)
+
+
+def nash_md_loss(logp: torch.Tensor, ref_logp: torch.Tensor, p: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """TRL's Nash-MD loss of a batch, from the per-token log-probs (B, T) of the policy's samples ``y``
+    (``logp``, with gradients; 0 on padding), the reference's (``ref_logp``) and ``p = P(y > y' | x)`` (B,)::
+
+        loss = mean_b[ kl_coef * sum_t sg(log pi(y_t) - log pi_ref(y_t)) log pi(y_t)  -  (p - 1/2) sum_t log pi(y_t) ]
+
+    The first term is the per-state KL surrogate (see the module docstring: its gradient is that of
+    ``sum_t KL(pi(.|s_t) || pi_ref(.|s_t))`` with the states held fixed); the second is REINFORCE on the
+    preference with the baseline 1/2.
+    """
+    log_ratio = logp.detach() - ref_logp
+    score = (p - 0.5) * logp.sum(-1)
+    kl_term = (log_ratio * logp).sum(-1)
+    return (kl_coef * kl_term - score).mean()
 
 
 class GeometricMixture:
@@ -92,7 +148,7 @@ class GeometricMixture:
     def mix(self, logp: torch.Tensor) -> torch.Tensor:
         # log pi^mu = log_softmax((1 - beta) log pi + beta log pi_ref)
         ref_logp = torch.log_softmax(self.ref_logits.float()[:, : self.vocab_size] / self.temperature, dim=-1)
-        return torch.log_softmax((1.0 - self.beta) * logp + self.beta * ref_logp.to(logp.device), dim=-1)
+        return geometric_mixture_logprobs(logp, ref_logp.to(logp.device), self.beta)
 
     def step(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
         self.ref_logits = self.lm.step(tokens, active=active)
@@ -108,44 +164,48 @@ class NashMD(TrainingAgent):
         n_snapshots / snapshot_every: "past" keeps the last n_snapshots policies, one every
             snapshot_every updates (the starting policy is the first).
         ema_decay: "ema" keeps theta_ema <- d theta_ema + (1 - d) theta after each update, d in [0, 1).
-        preference: "auto" (a callable given to learn, else env.prefer, else the reward model),
-            "reward" (always the reward model), "env" (env.prefer, required) or "labelers"
-            (the env's labeler population ``labelers``).
+        preference: where P(a > b) comes from when learn() gets no ``preference=`` callable: "env"
+            (default: ``env.unwrapped.prefer``, an error if the env has none), "reward" (sigmoid of the
+            reward model's score difference / preference_temperature) or "labelers" (the env's labeler
+            population ``labelers``). "auto" is a deprecated alias of "env".
         preference_temperature: T > 0 in sigmoid((r(a) - r(b)) / T) for reward-derived preferences.
         learning_rate, batch_size (prompts per update), max_grad_norm, temperature (sampling).
     """
 
+    @dataclass
+    class Config(AgentConfig):
+        """Hyperparameters of :class:`NashMD` (see the class docstring)."""
+
+        mixture_coef: float = param(0.25, low=0, high=1)
+        kl_coef: float = param(0.05, low=0)
+        opponent: str = param("mixture", choices=OPPONENTS)
+        n_snapshots: int = param(4, low=1)
+        snapshot_every: int = param(4, low=1)
+        ema_decay: float = param(0.9, low=0, high=1, high_open=True)
+        preference: str = param("env", choices=PREFERENCES)
+        preference_temperature: float = param(0.1, low=0, low_open=True)
+        labelers: str = "gold"
+        learning_rate: float = param(5e-5, low=0, low_open=True)
+        batch_size: int = param(16, low=1)
+        max_grad_norm: float = param(1.0, low=0, low_open=True)
+        temperature: float = param(1.0, low=0, low_open=True)
+
+        def check(self, agent: str) -> None:
+            from rlhfgym.envs.feedback.labelers import PRESETS
+
+            if self.labelers not in PRESETS:
+                raise AgentError(f"{agent}: unknown labelers preset {self.labelers!r}; use one of {', '.join(PRESETS)}.")
+
     name = "nash-md"
 
-    def __init__(self, policy=None, *, mixture_coef: float = 0.25, kl_coef: float = 0.05, opponent: str = "mixture",
-                 n_snapshots: int = 4, snapshot_every: int = 4, ema_decay: float = 0.9, preference: str = "auto",
-                 preference_temperature: float = 0.1, labelers: str = "gold", learning_rate: float = 5e-5,
-                 batch_size: int = 16, max_grad_norm: float = 1.0, temperature: float = 1.0, **kwargs: Any):
-        from rlhfgym.envs.feedback.labelers import PRESETS
-
-        n = self.name
-        check_range("mixture_coef", n, mixture_coef, low=0, high=1)
-        check_range("kl_coef", n, kl_coef, low=0)
-        if opponent not in OPPONENTS:
-            raise AgentError(f"{n}: unknown opponent {opponent!r}; use one of {', '.join(OPPONENTS)}.")
-        check_range("n_snapshots", n, n_snapshots, low=1, integer=True)
-        check_range("snapshot_every", n, snapshot_every, low=1, integer=True)
-        check_range("ema_decay", n, ema_decay, low=0, high=1, high_open=True)
-        if preference not in ("auto", "reward", "env", "labelers"):
-            raise AgentError(f"{n}: unknown preference {preference!r}; use 'auto', 'reward', 'env' or 'labelers'.")
-        check_range("preference_temperature", n, preference_temperature, low=0, low_open=True)
-        if labelers not in PRESETS:
-            raise AgentError(f"{n}: unknown labelers preset {labelers!r}; use one of {', '.join(PRESETS)}.")
-        check_range("learning_rate", n, learning_rate, low=0, low_open=True)
-        check_range("batch_size", n, batch_size, low=1, integer=True)
-        check_range("max_grad_norm", n, max_grad_norm, low=0, low_open=True)
-        check_range("temperature", n, temperature, low=0, low_open=True)
+    def __init__(self, policy=None, **hyperparameters: Any):
+        if hyperparameters.get("preference") == "auto":  # deprecated (one release): its reward-model fallback could never run
+            warnings.warn(f"{self.name}: preference='auto' is deprecated and will be removed in the next release; it always "
+                          "meant the env's own prefer(): use preference='env' (or 'reward' for sigmoid((r(a) - r(b)) / "
+                          "preference_temperature)).", DeprecationWarning, stacklevel=2)
+            hyperparameters["preference"] = "env"
         self._opp = None  # the opponent's network for "past" / "ema"
-        super().__init__(policy, mixture_coef=float(mixture_coef), kl_coef=float(kl_coef), opponent=opponent,
-                         n_snapshots=n_snapshots, snapshot_every=snapshot_every, ema_decay=float(ema_decay),
-                         preference=preference, preference_temperature=float(preference_temperature),
-                         labelers=labelers, learning_rate=float(learning_rate), batch_size=batch_size,
-                         max_grad_norm=float(max_grad_norm), temperature=float(temperature), **kwargs)
+        super().__init__(policy, **hyperparameters)
 
     # ------------------------------------------------------------------ the preference P(a > b | x)
     def preference_fn(self, env, preference=None):
@@ -155,12 +215,12 @@ class NashMD(TrainingAgent):
         if preference is not None:
             return as_preference_fn(preference, self.name)
         source = cfg["preference"]
-        oracle = env_prefer(core)
-        if source in ("auto", "env") and oracle is not None:
+        if source == "env":  # the env's own pairwise oracle; no silent fallback
+            oracle = env_prefer(core)
+            if oracle is None:
+                raise AgentError(f"{self.name}: preference='env' but the env has no prefer(prompts, a, b); "
+                                 "use preference='reward' or 'labelers', or pass preference= to learn().")
             return oracle
-        if source == "env":
-            raise AgentError(f"{self.name}: preference='env' but the env has no prefer(prompts, a, b); "
-                             "use preference='reward' or pass preference= to learn().")
         if source == "labelers":
             pop = labeler_population(core, cfg["labelers"], None, None)
             return lambda p, a, b: torch.as_tensor(pop.population_prob(p, a, b), dtype=torch.float32)
@@ -226,24 +286,23 @@ class NashMD(TrainingAgent):
         """
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
-            core, ref, resumed = self._start(run, env)
+            core, ref, resumed = self.start(run, env)  # resume, policy, checks, seeding
             if run.remaining == 1:
                 raise AgentError(f"{self.name}: 1 completion left in the budget cannot buy one comparison (2); raise it.")
             prefer = self.preference_fn(core, preference)
             cfg, st = self.config, self.trainer_state
             if not resumed:
-                seed_everything(self.seed)
                 st.update(step=0)
                 if cfg["opponent"] == "past":
                     st["snapshots"] = [self._model_state()]
                 elif cfg["opponent"] == "ema":
                     st["ema"] = self._model_state()
             self._opp = None
-            self._make_optimizer(cfg["learning_rate"])
+            self.make_optimizer("adamw", cfg["learning_rate"], weight_decay=0.0)
             mixture = self._mixture(ref)
             while run.remaining >= 2 and not run.stopped:
                 n = min(cfg["batch_size"], run.remaining // 2)
-                prompts = train_prompts(core, n, sub_seed(self.seed, 22, st["step"]))
+                prompts = draw_prompts(core, n, sub_seed(self.seed, 22, st["step"]))
                 torch.manual_seed(sub_seed(self.seed, 23, st["step"]))
                 # y ~ pi,  y' ~ pi^mu  (the opponent mixed per token with pi_ref)
                 y = self.policy.sample(prompts, temperature=cfg["temperature"])
@@ -253,16 +312,16 @@ class NashMD(TrainingAgent):
                 # loss = beta_kl KL(pi || pi_ref) - (p - 1/2) sum_t log pi(y_t)
                 self.policy.train()
                 tokens, mask = trim(y.tokens, y.mask)
-                logp = self.policy.forward_logprobs(y.prompt_ids, tokens, mask)
+                # log pi of the policy that sampled y: at the sampling temperature (pi_ref at 1, as in PPO)
+                logp = self.policy.forward_logprobs(y.prompt_ids, tokens, mask, temperature=cfg["temperature"])
                 with torch.no_grad():
                     ref_logp = self.policy.forward_logprobs(y.prompt_ids, tokens, mask, model=ref)
                     log_ratio = logp.detach() - ref_logp
-                score = (p - 0.5) * logp.sum(-1)
-                kl_term = (log_ratio * logp).sum(-1)  # REINFORCE surrogate: its gradient is grad KL(pi || pi_ref)
-                loss = (cfg["kl_coef"] * kl_term - score).mean()
+                # kl term: per-token surrogate, gradient = grad sum_t KL(pi(.|s_t) || pi_ref(.|s_t)), states s_t fixed
+                loss = nash_md_loss(logp, ref_logp, p, cfg["kl_coef"])
                 metrics = {"loss": loss.item(), "win_rate": float(p.mean()), "kl": float(log_ratio.sum(-1).mean()),
-                           "length": float(mask.sum(-1).float().mean()), "gold": _mean_gold(core, prompts, y.texts)}
-                metrics["grad_norm"] = self._step(loss)
+                           "length": float(mask.sum(-1).float().mean()), "gold": mean_gold(core, prompts, y.texts)}
+                metrics["grad_norm"] = self.step(loss)
                 st["step"] += 1
                 self._after_update(st)
                 run.update(2 * n, metrics)

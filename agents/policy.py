@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rlhfgym.envs.hf import position_ids, quiet_transformers
-from rlhfgym.envs.lm import IncrementalLM, model_vocab_size
+from rlhfgym.envs.lm import IncrementalLM, decode_completions, encode_completions, encode_prompts, model_vocab_size
 
 
 @dataclass
@@ -138,13 +138,13 @@ class CausalLMPolicy(nn.Module):
     # ------------------------------------------------------------------ encoding
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt, keeping the last ``max_prompt_tokens`` (as the env does)."""
-        ids = self.tokenizer(list(prompts))["input_ids"]
+        ids = encode_prompts(self.tokenizer, prompts)  # the one convention of rlhfgym.envs.lm
         return [row[-self.max_prompt_tokens:] for row in ids]
 
     def encode_completions(self, completions) -> tuple[torch.Tensor, torch.Tensor]:
         """Completion texts -> ``(B, T)`` token ids ending in EOS (as the env ends episodes), cut to
         ``max_new_tokens``, right-padded, and their mask (on the policy's device)."""
-        ids = self.tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+        ids = encode_completions(self.tokenizer, completions)  # the one convention of rlhfgym.envs.lm
         ids = [(row + [self.eos_id])[: self.max_new_tokens] for row in ids]
         t = max(map(len, ids))
         tokens = torch.full((len(ids), t), self.pad_id, dtype=torch.long)
@@ -198,7 +198,8 @@ class CausalLMPolicy(nn.Module):
             if extra is not None:
                 extra.step(tok, active)
         self.model.train(was_training)
-        texts = self.tokenizer.batch_decode(tokens.masked_fill(mask == 0, self.pad_id).tolist(), skip_special_tokens=True)
+        # decoded as the env decodes an episode (rlhfgym.envs.lm: special tokens dropped, spaces kept)
+        texts = decode_completions(self.tokenizer, [row[: int(n)] for row, n in zip(tokens.tolist(), mask.sum(1).tolist())])
         return Rollout(list(prompts), prompt_ids, tokens, mask, logps, texts, done)
 
     def generate_text(self, prompts, *, temperature: float = 1.0, max_new_tokens: int | None = None,

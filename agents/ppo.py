@@ -25,19 +25,36 @@ with TRL's ``PPOTrainer`` defaults where the lectures say nothing (docs: /work/s
        A_t     = sum_l (gamma * lambda)^l * delta_{t+l},     R_t = A_t + V(s_t)  (value targets)
 
    whitened over the batch's tokens.
-4. *Update*: ``ppo_epochs`` passes of minibatch Adam on the clipped surrogate (seeds, Algorithm 5)::
+4. *Update*: ``ppo_epochs`` passes (K) of minibatch Adam on the policy loss of ``objective`` plus the
+   value loss. ``objective="clip"`` (default) is the clipped surrogate (seeds, Algorithm 5)::
 
        ratio_t = pi_theta(a_t|s_t) / pi_theta_old(a_t|s_t)
        L_clip  = E_t[ min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t) ]       (maximised)
+
+   ``objective="kl_penalty"`` is the adaptive KL penalty (seeds, Algorithm 4), with ``pi_theta_old`` the
+   policy that collected the batch and the per-token KL estimated on its tokens::
+
+       L_klpen = E_t[ ratio_t * A_t ]  -  beta_k * E_t[ KL(pi_theta_old(.|s_t) || pi_theta(.|s_t)) ]
+
+   and in both cases::
+
        L_V     = E_t[ 1/2 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2) ]
-       loss    = -L_clip + vf_coef * L_V
+       loss    = -L + vf_coef * L_V
 
    stopping the epoch loop early when the approximate KL between the new and the old policy exceeds
    ``target_kl`` (as SB3 does).
-5. *KL coefficient*: ``kl_mode="fixed"`` keeps ``beta``; ``kl_mode="adaptive"`` applies the seeds'
-   Algorithm 4 rule to the measured ``KL = E[sum_t log pi_theta/pi_ref]`` of the rollout against the
-   target ``adaptive_kl_target`` (delta): ``beta *= 2`` if ``KL > 1.5 * delta``, ``beta /= 2`` if
-   ``KL < delta / 1.5`` (the role Ziegler et al.'s proportional controller plays in RLHF).
+5. *Coefficients*. (a) The penalty's ``beta_k`` (``objective="kl_penalty"`` only): with
+   ``d = E_t[KL(pi_theta_k || pi_theta_k+1)]`` measured on the batch after the K epochs and the target
+   ``delta = kl_penalty_target``: ``beta_k+1 = 2 beta_k`` if ``d >= 1.5 delta``, ``beta_k / 2`` if
+   ``d <= delta / 1.5``. (b) The *reference*-KL coefficient ``beta`` of the reward (step 2), a different
+   thing: ``kl_controller="fixed"`` keeps it; ``"adaptive"`` is Ziegler et al. 2019's proportional
+   controller (TRL's ``AdaptiveKLController``) on the rollout's ``KL = E[sum_t log pi_theta/pi_ref]``::
+
+       e    = clip(KL / kl_target - 1, -0.2, 0.2)
+       beta = beta * (1 + e * n / kl_horizon)          (n = completions in the batch)
+
+The losses and both controllers are small pure functions right below (tested by hand in
+``tests/test_agent_math.py``); the update calls them.
 
 The value head (``Linear(hidden, 1)``, zero-initialised) shares the policy's transformer; with
 ``value_warmup_steps > 0`` it is first fitted alone to the first rollout's Monte-Carlo returns, so
@@ -47,7 +64,9 @@ early advantages are not just rewards-to-go.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +75,8 @@ from torch import nn
 
 from rlhfgym.envs.hf import position_ids
 
-from .base import Agent, AgentError, TrainingRun, load_train_state, reference_for, save_train_state
+from .base import Agent, AgentError
+from .common import SPLITS, AgentConfig, TrainingAgent, TrainingRun, mean_gold, param, stream_prompts
 from .policy import CausalLMPolicy
 
 KL_MODES = ("fixed", "adaptive")
@@ -90,17 +110,112 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     return adv
 
 
+# ---------------------------------------------------------------------------------------------- the losses
+# Pure functions of tensors (no model, no env): the update below calls them, tests/test_agent_math.py
+# checks them against hand-computed values. ``log_ratio = log pi_theta(a_t|s_t) - log pi_theta_k(a_t|s_t)``
+# per token (zero on padding), ``mask`` (B, T) marks real tokens; means are over real tokens.
+
+
+def clipped_surrogate_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                           cliprange: float) -> torch.Tensor:
+    """Minus the clipped surrogate (seeds, Algorithm 5; Schulman et al. 2017, eq. 7)::
+
+        r_t    = exp(log_ratio_t) = pi_theta(a_t|s_t) / pi_theta_k(a_t|s_t)
+        L_clip = E_t[ min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) ]          returns -L_clip
+
+    (``-min(x, y) = max(-x, -y)``: the loss is ``E_t[max(-A_t r_t, -A_t clip(r_t))]``).
+    """
+    ratio = torch.exp(log_ratio)
+    pg_losses = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange))
+    return masked_mean(pg_losses, mask)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       cliprange_value: float) -> torch.Tensor:
+    """The clipped value loss (PPO2 / TRL)::
+
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+        L_V    = 1/2 E_t[ max((V - R)^2, (V_clip - R)^2) ]
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+
+
+def approx_kl_to_old(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta_k || pi_theta) on tokens sampled from pi_theta_k (Schulman's k3)::
+
+        KL_t ~ (r_t - 1) - log r_t          (>= 0; unbiased, since E_{a ~ pi_theta_k}[r_t] = 1)
+    """
+    return masked_mean((torch.exp(log_ratio) - 1) - log_ratio, mask)
+
+
+def kl_penalty_loss(log_ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    beta: float) -> torch.Tensor:
+    """Minus the KL-penalised surrogate (seeds, Algorithm 4; Schulman et al. 2017, eq. 8)::
+
+        L_KLPEN = E_t[ r_t A_t ]  -  beta_k * E_t[ KL(pi_theta_k(.|s_t) || pi_theta(.|s_t)) ]      returns -L_KLPEN
+
+    with the per-token KL estimated by :func:`approx_kl_to_old` (whose gradient is, in expectation over
+    the sampled tokens, the gradient of the exact per-state KL).
+    """
+    ratio = torch.exp(log_ratio)
+    return masked_mean(-advantages * ratio, mask) + beta * approx_kl_to_old(log_ratio, mask)
+
+
+def kl_penalty_beta_update(beta: float, kl: float, target: float) -> float:
+    """Algorithm 4's coefficient rule after the K epochs, with ``kl`` the measured mean per-token
+    KL(pi_theta_k || pi_theta_{k+1}) and ``target`` delta::
+
+        beta_{k+1} = 2 beta_k     if KL >= 1.5 delta
+                   = beta_k / 2   if KL <= delta / 1.5
+                   = beta_k       otherwise
+    """
+    if kl >= 1.5 * target:
+        return beta * 2.0
+    if kl <= target / 1.5:
+        return beta / 2.0
+    return beta
+
+
+def fixed_kl_controller(beta: float, kl: float, n: int, target: float, horizon: float) -> float:
+    """The reference-KL coefficient of the RLHF reward, kept fixed: ``beta_{k+1} = beta_k``."""
+    return beta
+
+
+def adaptive_kl_controller(beta: float, kl: float, n: int, target: float, horizon: float) -> float:
+    """Ziegler et al. 2019's proportional controller of the reference-KL coefficient (TRL's
+    ``AdaptiveKLController``), with ``kl`` the batch's mean KL(pi_theta || pi_ref) per completion and
+    ``n`` the completions in the batch::
+
+        e         = clip(KL / KL_target - 1, -0.2, 0.2)
+        beta_{k+1} = beta_k * (1 + e * n / horizon)
+    """
+    e = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + e * n / horizon)
+
+
+KL_CONTROLLERS = {"fixed": fixed_kl_controller, "adaptive": adaptive_kl_controller}
+OBJECTIVES = ("clip", "kl_penalty")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise AgentError(f"ppo: {message}")
 
 
-class PPO(Agent):
+class PPO(TrainingAgent):
     """PPO with a KL-shaped reward against the env's reference policy (see the module docstring).
 
     Args:
         policy: a :class:`CausalLMPolicy` (gets a value head if it has none); None = a copy of the
             env's reference model, made in :meth:`learn`.
+        hyperparameters: the fields of :class:`PPO.Config`.
+    """
+
+    @dataclass
+    class Config(AgentConfig):
+        """Hyperparameters of :class:`PPO`.
+
         learning_rate: Adam step size (TRL uses 3e-6 for 1B models; the 2.4M micro policy 3e-5 to 1e-4).
         batch_size: completions per rollout (and per update round).
         mini_batch_size: completions per gradient step; ``batch_size / mini_batch_size`` steps per epoch.
@@ -110,7 +225,20 @@ class PPO(Agent):
         vf_coef: weight of the value loss.
         gamma, lam: discount and GAE lambda, in [0, 1].
         kl_coef: initial beta; None = the env's ``kl_coef`` (the objective the env defines).
-        kl_mode: "fixed" or "adaptive" (the seeds' doubling/halving rule, target ``adaptive_kl_target`` nats).
+        objective: the policy loss: "clip" (the clipped surrogate, Algorithm 5) or "kl_penalty" (the
+            surrogate minus ``beta_k * KL(pi_theta_k || pi_theta)`` per token, with beta_k adapted between
+            iterations toward ``kl_penalty_target``, Algorithm 4).
+        kl_penalty_target: delta of "kl_penalty", the per-token KL(pi_theta_k || pi_theta_k+1) aimed at, in nats
+            (Schulman et al. 2017 found 0.01 best of 0.003, 0.01, 0.03).
+        kl_penalty_beta: beta_0 of "kl_penalty" (Schulman et al. 2017 start at 1; the rule adapts it quickly).
+        kl_controller: how the *reference*-KL coefficient beta of the reward evolves: "fixed", or "adaptive"
+            (Ziegler et al. 2019's proportional controller toward ``kl_target``, horizon ``kl_horizon``).
+        kl_target: KL(pi_theta || pi_ref) per completion, in nats, that "adaptive" steers toward.
+        kl_horizon: the controller's horizon in completions (TRL: 10000; beta moves by at most
+            ``0.2 * batch_size / kl_horizon`` of itself per rollout).
+        kl_mode, adaptive_kl_target: deprecated spellings of ``kl_controller`` / ``kl_target`` (kept for one
+            release, with a DeprecationWarning). ``kl_mode="adaptive"`` used to double/halve beta (the PPO
+            penalty's rule applied to the reference KL); it now selects the proportional controller.
         target_kl: stop this rollout's epochs once the approximate KL(old || new) exceeds it; None = never.
         whiten_advantages: normalise advantages over the batch's tokens.
         missing_eos_penalty: subtract this from the RM score of completions that never emitted EOS
@@ -119,48 +247,72 @@ class PPO(Agent):
         temperature: sampling temperature of the policy (``pi_theta`` is the tempered policy; 1 = the MDP's).
         value_warmup_steps: Adam steps fitting the value head alone before the first update.
         split: the task split training prompts come from.
-    """
+        """
+
+        learning_rate: float = param(3e-5, low=0, low_open=True)
+        batch_size: int = param(64, low=1)
+        mini_batch_size: int = param(16, low=1)
+        ppo_epochs: int = param(4, low=1)
+        cliprange: float = param(0.2, low=0, low_open=True)
+        cliprange_value: float = param(0.2, low=0, low_open=True)
+        vf_coef: float = param(0.1, low=0)
+        gamma: float = param(1.0, low=0, high=1)
+        lam: float = param(0.95, low=0, high=1)
+        kl_coef: float | None = param(None, low=0)
+        objective: str = param("clip", choices=OBJECTIVES)
+        kl_penalty_target: float = param(0.01, low=0, low_open=True)
+        kl_penalty_beta: float = param(1.0, low=0, low_open=True)
+        kl_controller: str = param("fixed", choices=tuple(KL_CONTROLLERS))
+        kl_target: float = param(3.0, low=0, low_open=True)
+        kl_horizon: float = param(10000.0, low=0, low_open=True)
+        target_kl: float | None = param(None, low=0, low_open=True)
+        whiten_advantages: bool = True
+        missing_eos_penalty: float | None = param(None, low=0)
+        max_grad_norm: float = param(1.0, low=0, low_open=True)
+        temperature: float = param(1.0, low=0, low_open=True)
+        value_warmup_steps: int = param(50, low=0)
+        split: str = param("train", choices=SPLITS)
+
+        def check(self, agent: str) -> None:
+            if self.mini_batch_size > self.batch_size:
+                raise AgentError(f"{agent}: mini_batch_size must be an int in [1, batch_size={self.batch_size}], "
+                                 f"got {self.mini_batch_size!r}.")
 
     name = "ppo"
 
-    def __init__(self, policy: CausalLMPolicy | None = None, *, learning_rate: float = 3e-5, batch_size: int = 64,
-                 mini_batch_size: int = 16, ppo_epochs: int = 4, cliprange: float = 0.2, cliprange_value: float = 0.2,
-                 vf_coef: float = 0.1, gamma: float = 1.0, lam: float = 0.95, kl_coef: float | None = None,
-                 kl_mode: str = "fixed", adaptive_kl_target: float = 3.0, target_kl: float | None = None,
-                 whiten_advantages: bool = True, missing_eos_penalty: float | None = None, max_grad_norm: float = 1.0,
-                 temperature: float = 1.0, value_warmup_steps: int = 50, split: str = "train",
-                 device: str = "cpu", seed: int = 0):
-        _require(learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}.")
-        _require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}.")
-        _require(isinstance(mini_batch_size, int) and 1 <= mini_batch_size <= batch_size,
-                 f"mini_batch_size must be an int in [1, batch_size={batch_size}], got {mini_batch_size!r}.")
-        _require(isinstance(ppo_epochs, int) and ppo_epochs >= 1, f"ppo_epochs must be an int >= 1, got {ppo_epochs!r}.")
-        _require(cliprange > 0, f"cliprange must be > 0 (0.2 is usual), got {cliprange}.")
-        _require(cliprange_value > 0, f"cliprange_value must be > 0 (0.2 is usual), got {cliprange_value}.")
-        _require(vf_coef >= 0, f"vf_coef must be >= 0, got {vf_coef}.")
-        _require(0 <= gamma <= 1 and 0 <= lam <= 1, f"gamma and lam must be in [0, 1], got {gamma} and {lam}.")
-        _require(kl_coef is None or (math.isfinite(kl_coef) and kl_coef >= 0),
-                 f"kl_coef must be >= 0 (or None for the env's), got {kl_coef}.")
-        _require(kl_mode in KL_MODES, f"kl_mode must be one of {KL_MODES}, got {kl_mode!r}.")
-        _require(adaptive_kl_target > 0, f"adaptive_kl_target must be > 0 nats, got {adaptive_kl_target}.")
-        _require(target_kl is None or target_kl > 0, f"target_kl must be > 0 or None, got {target_kl}.")
-        _require(missing_eos_penalty is None or missing_eos_penalty >= 0,
-                 f"missing_eos_penalty must be >= 0 or None, got {missing_eos_penalty}.")
-        _require(max_grad_norm > 0, f"max_grad_norm must be > 0, got {max_grad_norm}.")
-        _require(temperature > 0, f"temperature must be > 0 (the policy must stay stochastic), got {temperature}.")
-        _require(isinstance(value_warmup_steps, int) and value_warmup_steps >= 0,
-                 f"value_warmup_steps must be an int >= 0, got {value_warmup_steps!r}.")
-        _require(split in ("train", "validation", "test"), f"split must be train, validation or test, got {split!r}.")
-        super().__init__(policy, device=device, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
-                         mini_batch_size=mini_batch_size, ppo_epochs=ppo_epochs, cliprange=cliprange,
-                         cliprange_value=cliprange_value, vf_coef=vf_coef, gamma=gamma, lam=lam, kl_coef=kl_coef,
-                         kl_mode=kl_mode, adaptive_kl_target=adaptive_kl_target, target_kl=target_kl,
-                         whiten_advantages=whiten_advantages, missing_eos_penalty=missing_eos_penalty,
-                         max_grad_norm=max_grad_norm, temperature=temperature, value_warmup_steps=value_warmup_steps,
-                         split=split)
-        self.beta: float | None = None  # current KL coefficient (set in learn; adapted in kl_mode="adaptive")
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._train_state: dict | None = None
+    def __init__(self, policy: CausalLMPolicy | None = None, **hyperparameters):
+        kl_mode = hyperparameters.pop("kl_mode", None)
+        adaptive_kl_target = hyperparameters.pop("adaptive_kl_target", None)
+        kl_controller = hyperparameters.get("kl_controller", "fixed")
+        kl_target = hyperparameters.get("kl_target", 3.0)
+        if kl_mode is not None:  # deprecated (one release): kl_mode -> kl_controller
+            _require(kl_mode in KL_MODES, f"kl_mode must be one of {KL_MODES} (deprecated: use kl_controller=), got {kl_mode!r}.")
+            _require(kl_controller in ("fixed", kl_mode),
+                     f"kl_mode={kl_mode!r} (deprecated) contradicts kl_controller={kl_controller!r}; pass only kl_controller.")
+            how = ("Ziegler et al.'s proportional controller, no longer the x2 / /2 rule"
+                   if kl_mode == "adaptive" else "the same behaviour")
+            warnings.warn(f"ppo: kl_mode={kl_mode!r} is deprecated and will be removed in the next release; it now means "
+                          f"kl_controller={kl_mode!r} ({how}). For PPO's adaptive KL penalty (seeds, Algorithm 4) "
+                          "use objective='kl_penalty'.", DeprecationWarning, stacklevel=2)
+            hyperparameters["kl_controller"] = kl_mode
+        if adaptive_kl_target is not None:  # deprecated (one release): adaptive_kl_target -> kl_target
+            _require(kl_target in (3.0, adaptive_kl_target),
+                     f"adaptive_kl_target={adaptive_kl_target} (deprecated) contradicts kl_target={kl_target}; pass only kl_target.")
+            warnings.warn("ppo: adaptive_kl_target is deprecated and will be removed in the next release; "
+                          "use kl_target (the same nats per completion).", DeprecationWarning, stacklevel=2)
+            hyperparameters["kl_target"] = adaptive_kl_target
+        super().__init__(policy, **hyperparameters)
+        self.beta: float | None = None  # current reference-KL coefficient (set in learn; kl_controller adapts it)
+        self.penalty_beta: float | None = None  # beta_k of objective="kl_penalty" (set in learn)
+        self._restored = False  # the coefficients came from a checkpoint (load() or resume): learn() continues them
+
+    # the coefficients travel in train_state.pt (and are restored by load())
+    def train_state(self) -> dict:
+        return {"beta": self.beta, "penalty_beta": self.penalty_beta}
+
+    def restore_train_state(self, state: dict) -> None:
+        self.beta, self.penalty_beta = state.get("beta"), state.get("penalty_beta")
+        self._restored = True
 
     # ------------------------------------------------------------------------------------------ learning
     def learn(self, env, budget: int, callback: Callable[[Agent, dict], bool | None] | None = None, *,
@@ -174,27 +326,20 @@ class PPO(Agent):
         c = self.config
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
-            run.resume()
-            policy = self.policy_for(env, value_head=True)
-            if policy.value_head is None:  # a policy given without one: add V(s) on its last hidden state
-                policy.value_head = nn.Linear(policy.model.config.hidden_size, 1).to(policy.device)
-                nn.init.zeros_(policy.value_head.weight), nn.init.zeros_(policy.value_head.bias)
-            ref = reference_for(policy, env)
-            core = env.unwrapped
-            self.optimizer = torch.optim.Adam(policy.parameters(), lr=c["learning_rate"], eps=1e-5)
-            state = self._train_state or {}
-            self.beta = float(state.get("beta", core.kl_coef if c["kl_coef"] is None else c["kl_coef"]))
-            if "optimizer" in state:
-                self.optimizer.load_state_dict(state["optimizer"])
-            if state:  # resumed (or loaded): continue the random stream where the checkpoint left it
-                _set_rng_state(state)
-            else:
-                torch.manual_seed(self.seed)
-            self._train_state = None
+            # resume, the policy with a value head V(s) (added to a given policy without one), seeding
+            core, ref, _ = self.start(run, env, value_head=True)
+            policy = self.policy
+            self.make_optimizer("adam", c["learning_rate"], eps=1e-5)
+            restored, self._restored = self._restored, False
+            if not (restored and self.beta is not None):  # a fresh run starts from the configured coefficients
+                self.beta = core.kl_coef if c["kl_coef"] is None else c["kl_coef"]
+            if not (restored and self.penalty_beta is not None):
+                self.penalty_beta = c["kl_penalty_beta"]
+            self.beta, self.penalty_beta = float(self.beta), float(self.penalty_beta)
 
             while not run.done:
                 n = min(c["batch_size"], run.remaining)
-                prompts = _train_prompts(core, c["split"], n, seed=self.seed, spent=self.spent)
+                prompts = stream_prompts(core, n, seed=self.seed, position=self.spent, split=c["split"])
 
                 # ---- 1. rollout: y ~ pi_theta(.|x) with a KV cache, scored by the env's reward model
                 roll = policy.sample(prompts, temperature=c["temperature"])
@@ -227,8 +372,9 @@ class PPO(Agent):
                     returns = (adv + old_values) * mask  # value targets R_t = A_t + V(s_t)
                     adv = masked_whiten(adv, mask) if c["whiten_advantages"] else adv * mask
 
-                # ---- 4. K epochs of minibatch Adam on the clipped surrogate (eval mode: no dropout, so the
-                # ratio is exactly 1 before the first step, as the surrogate assumes)
+                # ---- 4. K epochs of minibatch Adam on the policy loss, clipped (Algorithm 5) or KL-penalised
+                # (Algorithm 4) (eval mode: no dropout, so the ratio is exactly 1 before the first step, as the
+                # surrogate assumes)
                 stats: dict[str, list[float]] = {"pg_loss": [], "vf_loss": [], "approx_kl": [], "clipfrac": []}
                 stop = False
                 for _epoch in range(c["ppo_epochs"]):
@@ -237,23 +383,24 @@ class PPO(Agent):
                         m = mask[mb]
                         new_logp, values = policy.forward_logprobs([roll.prompt_ids[i] for i in mb_list], roll.tokens[mb],
                                                                    roll.mask[mb], temperature=c["temperature"], with_values=True)
-                        log_ratio = (new_logp - old_logp[mb]) * m
-                        ratio = torch.exp(log_ratio)  # r_t(theta) = pi_theta / pi_theta_old
+                        log_ratio = (new_logp - old_logp[mb]) * m  # log r_t(theta) = log pi_theta - log pi_theta_old
                         a = adv[mb]
-                        # L_clip = min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t); we minimise its negative
-                        pg_losses = torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - c["cliprange"], 1 + c["cliprange"]))
-                        pg_loss = masked_mean(pg_losses, m)
-                        # clipped value loss: 1/2 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
-                        v_old, ret = old_values[mb], returns[mb]
-                        v_clipped = v_old + torch.clamp(values - v_old, -c["cliprange_value"], c["cliprange_value"])
-                        vf_loss = 0.5 * masked_mean(torch.max((values - ret) ** 2, (v_clipped - ret) ** 2), m)
+                        if c["objective"] == "clip":
+                            # -L_clip = -E_t[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)]
+                            pg_loss = clipped_surrogate_loss(log_ratio, a, m, c["cliprange"])
+                        else:
+                            # -L_klpen = -E_t[r_t A_t] + beta_k E_t[KL(pi_theta_old || pi_theta)]
+                            pg_loss = kl_penalty_loss(log_ratio, a, m, self.penalty_beta)
+                        # clipped value loss: 1/2 E_t[max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)]
+                        vf_loss = clipped_value_loss(values, old_values[mb], returns[mb], m, c["cliprange_value"])
                         loss = pg_loss + c["vf_coef"] * vf_loss
                         self.optimizer.zero_grad(set_to_none=True)
                         loss.backward()
                         nn.utils.clip_grad_norm_(policy.parameters(), c["max_grad_norm"])
                         self.optimizer.step()
                         with torch.no_grad():
-                            approx_kl = masked_mean((ratio - 1) - log_ratio, m).item()  # k3 estimator of KL(old||new)
+                            ratio = torch.exp(log_ratio)  # r_t(theta) = pi_theta / pi_theta_old
+                            approx_kl = approx_kl_to_old(log_ratio, m).item()  # k3 estimator of KL(old || new)
                             stats["pg_loss"].append(pg_loss.item())
                             stats["vf_loss"].append(vf_loss.item())
                             stats["approx_kl"].append(approx_kl)
@@ -264,14 +411,18 @@ class PPO(Agent):
                     if stop:
                         break
 
-                # ---- 5. KL coefficient: fixed, or the seeds' adaptive rule on KL(pi_theta || pi_ref)
+                # ---- 5. the coefficients of the next iteration
                 kl = kl_t.sum(1).mean().item()  # E_y~pi[log pi(y|x) - log pi_ref(y|x)], per completion
-                beta_used = self.beta
-                if c["kl_mode"] == "adaptive":
-                    if kl > 1.5 * c["adaptive_kl_target"]:
-                        self.beta *= 2.0
-                    elif kl < c["adaptive_kl_target"] / 1.5:
-                        self.beta /= 2.0
+                beta_used, penalty_beta_used = self.beta, self.penalty_beta
+                # reference KL (the reward's beta): "fixed" keeps it; "adaptive" (Ziegler et al. 2019):
+                #   e = clip(KL / KL_target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n / horizon)
+                self.beta = KL_CONTROLLERS[c["kl_controller"]](self.beta, kl, n, c["kl_target"], c["kl_horizon"])
+                policy_kl = None
+                if c["objective"] == "kl_penalty":
+                    # Algorithm 4: d = E_t[KL(pi_theta_k || pi_theta_k+1)] after the K epochs;
+                    #   beta_k+1 = 2 beta_k if d >= 1.5 delta,  beta_k / 2 if d <= delta / 1.5
+                    policy_kl = self._kl_to_rollout(roll, old_logp, mask)
+                    self.penalty_beta = kl_penalty_beta_update(self.penalty_beta, policy_kl, c["kl_penalty_target"])
 
                 metrics = {
                     "score": raw_scores.mean().item(),
@@ -284,11 +435,24 @@ class PPO(Agent):
                     "epochs_run": len(stats["pg_loss"]) / max(1, math.ceil(n / c["mini_batch_size"])),
                     **{k: float(np.mean(v)) for k, v in stats.items()},
                 }
-                gold = _gold(core, prompts, roll.texts)
-                if gold is not None:
-                    metrics["gold"] = gold
+                if policy_kl is not None:
+                    metrics.update(kl_penalty_beta=penalty_beta_used, policy_kl=policy_kl)
+                metrics["gold"] = mean_gold(core, prompts, roll.texts)  # None (not logged) without a gold scorer
                 run.update(n, metrics)
         return self
+
+    @torch.no_grad()
+    def _kl_to_rollout(self, roll, old_logp: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean per-token KL(pi_theta_old || pi_theta) over the rollout's tokens (:func:`approx_kl_to_old`)."""
+        c, policy = self.config, self.policy
+        total, tokens = 0.0, 0.0
+        for s in range(0, len(roll.prompt_ids), c["mini_batch_size"]):
+            rows, m = slice(s, s + c["mini_batch_size"]), mask[s:s + c["mini_batch_size"]]
+            new_logp = policy.forward_logprobs(roll.prompt_ids[rows], roll.tokens[rows], roll.mask[rows],
+                                               temperature=c["temperature"])
+            total += approx_kl_to_old((new_logp - old_logp[rows]) * m, m).item() * m.sum().item()
+            tokens += m.sum().item()
+        return total / max(tokens, 1.0)
 
     def _warm_up_value(self, roll, targets: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
         """Fit the value head alone (linear regression on frozen last hidden states) to ``targets``."""
@@ -305,46 +469,3 @@ class PPO(Agent):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_extra(self, directory: Path) -> None:
-        if self.optimizer is not None:
-            save_train_state(directory, {"optimizer": self.optimizer.state_dict(), "beta": self.beta, **_rng_state()})
-
-    def load_extra(self, directory: Path) -> None:
-        self._train_state = load_train_state(directory, device=self.device)
-        if self._train_state:
-            self.beta = self._train_state.get("beta")
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-# (shared with reinforce.py, which imports them: same prompts, same RNG bookkeeping, same gold report)
-
-
-def _train_prompts(core, split: str, n: int, *, seed: int, spent: int) -> list[str]:
-    """``n`` prompts drawn (with replacement) from ``split``; a pure function of (seed, spent), so a resumed
-    run sees the prompts the uninterrupted one would have seen."""
-    size = core.task.split_size(split)
-    idx = np.random.default_rng([seed, spent]).integers(size, size=n)
-    return [core.prompts(split, 1, int(i))[0] for i in idx]
-
-
-def _gold(core, prompts, completions) -> float | None:
-    """Mean gold score (reported only, never trained on) when the task has a gold scorer."""
-    if not getattr(core.task, "has_gold", False):
-        return None
-    return float(np.mean(core.gold(prompts, completions)))
-
-
-def _rng_state() -> dict:
-    state = {"torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    if "torch_rng" in state:
-        torch.set_rng_state(state["torch_rng"].cpu())
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])

@@ -28,23 +28,57 @@ gradient step per batch (on-policy).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .base import Agent, AgentError, TrainingRun, load_train_state, reference_for, save_train_state
+from .base import Agent, AgentError
+from .common import SPLITS, AgentConfig, TrainingAgent, TrainingRun, mean_gold, param, stream_prompts
 from .policy import CausalLMPolicy
-from .ppo import _gold, _rng_state, _set_rng_state, _train_prompts
 
 
-class Reinforce(Agent):
+# ---------------------------------------------------------------------------------------------- the math
+# Pure functions of tensors: the agents call them, tests/test_agent_math.py checks them by hand.
+
+
+def kl_regularised_reward(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """The sequence reward (B,) from per-token log-probs (B, T) (0 on padding)::
+
+        R(x, y) = RM(x, y) - beta * sum_t (log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t))
+    """
+    return scores - beta * (logp - ref_logp).sum(1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO's advantages for ``k`` consecutive samples of each prompt (rewards (B,), B a multiple of k)::
+
+        A_i = R_i - b_i,    b_i = (sum_j R_j - R_i) / (k - 1)        (the mean reward of the *other* samples)
+    """
+    r = rewards.view(-1, k)
+    baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
+    return (r - baseline).view(-1)
+
+
+def policy_gradient_loss(seq_logp: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with a baseline, as a loss to minimise: ``-mean_i[A_i * log pi_theta(y_i|x_i)]``
+    (``A`` a constant; its gradient is the policy-gradient estimate ``-mean_i[A_i grad log pi_theta(y_i|x_i)]``)."""
+    return -(advantages * seq_logp).mean()
+
+
+class Reinforce(TrainingAgent):
     """REINFORCE on the KL-regularised sequence reward with a moving-average baseline.
 
     Args:
         policy: a :class:`CausalLMPolicy`; None = a copy of the env's reference model.
+        hyperparameters: the fields of :class:`Reinforce.Config`.
+    """
+
+    @dataclass
+    class Config(AgentConfig):
+        """Hyperparameters of :class:`Reinforce`.
+
         learning_rate: Adam step size.
         batch_size: completions per update.
         kl_coef: beta; None = the env's ``kl_coef``.
@@ -54,36 +88,30 @@ class Reinforce(Agent):
         max_grad_norm: gradient clipping (global norm).
         temperature: sampling temperature (``pi_theta`` is the tempered policy).
         split: the task split training prompts come from.
-    """
+        """
+
+        learning_rate: float = param(1e-4, low=0, low_open=True)
+        batch_size: int = param(32, low=1)
+        kl_coef: float | None = param(None, low=0)
+        baseline_decay: float = param(0.9, low=0, high=1, high_open=True)
+        normalize_advantages: bool = False
+        missing_eos_penalty: float | None = param(None, low=0)
+        max_grad_norm: float = param(1.0, low=0, low_open=True)
+        temperature: float = param(1.0, low=0, low_open=True)
+        split: str = param("train", choices=SPLITS)
 
     name = "reinforce"
 
-    def __init__(self, policy: CausalLMPolicy | None = None, *, learning_rate: float = 1e-4, batch_size: int = 32,
-                 kl_coef: float | None = None, baseline_decay: float = 0.9, normalize_advantages: bool = False,
-                 missing_eos_penalty: float | None = None, max_grad_norm: float = 1.0, temperature: float = 1.0,
-                 split: str = "train", device: str = "cpu", seed: int = 0):
-        require = self._require
-        require(learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}.")
-        require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}.")
-        require(kl_coef is None or (math.isfinite(kl_coef) and kl_coef >= 0),
-                f"kl_coef must be >= 0 (or None for the env's), got {kl_coef}.")
-        require(0 <= baseline_decay < 1, f"baseline_decay must be in [0, 1), got {baseline_decay}.")
-        require(missing_eos_penalty is None or missing_eos_penalty >= 0,
-                f"missing_eos_penalty must be >= 0 or None, got {missing_eos_penalty}.")
-        require(max_grad_norm > 0, f"max_grad_norm must be > 0, got {max_grad_norm}.")
-        require(temperature > 0, f"temperature must be > 0 (the policy must stay stochastic), got {temperature}.")
-        require(split in ("train", "validation", "test"), f"split must be train, validation or test, got {split!r}.")
-        super().__init__(policy, device=device, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
-                         kl_coef=kl_coef, baseline_decay=baseline_decay, normalize_advantages=normalize_advantages,
-                         missing_eos_penalty=missing_eos_penalty, max_grad_norm=max_grad_norm, temperature=temperature,
-                         split=split)
+    def __init__(self, policy: CausalLMPolicy | None = None, **hyperparameters):
+        super().__init__(policy, **hyperparameters)
         self.baseline: float | None = None  # moving average of R (REINFORCE only)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._train_state: dict | None = None
 
-    def _require(self, ok: bool, message: str) -> None:
-        if not ok:
-            raise AgentError(f"{self.name}: {message}")
+    # the baseline travels in train_state.pt (and is restored by load())
+    def train_state(self) -> dict:
+        return {"baseline": self.baseline}
+
+    def restore_train_state(self, state: dict) -> None:
+        self.baseline = state.get("baseline")
 
     # ------------------------------------------------------------------------------------------ the baselines
     @property
@@ -112,25 +140,14 @@ class Reinforce(Agent):
             raise AgentError(f"{self.name}: budget={budget} is less than rloo_k={k} samples of one prompt; raise the budget.")
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
-            run.resume()
-            policy = self.policy_for(env)
-            ref = reference_for(policy, env)
-            core = env.unwrapped
+            core, ref, _ = self.start(run, env)  # resume, policy, seeding
+            policy = self.policy
             beta = core.kl_coef if c["kl_coef"] is None else c["kl_coef"]
-            self.optimizer = torch.optim.Adam(policy.parameters(), lr=c["learning_rate"], eps=1e-5)
-            state = self._train_state or {}
-            if "optimizer" in state:
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.baseline = state.get("baseline", self.baseline)
-            if state:  # resumed (or loaded): continue the random stream where the checkpoint left it
-                _set_rng_state(state)
-            else:
-                torch.manual_seed(self.seed)
-            self._train_state = None
+            self.make_optimizer("adam", c["learning_rate"], eps=1e-5)
 
             while not run.stopped and run.remaining >= k:
                 n_prompts = min(c["batch_size"] // k, run.remaining // k)
-                prompts = _train_prompts(core, c["split"], n_prompts, seed=self.seed, spent=self.spent)
+                prompts = stream_prompts(core, n_prompts, seed=self.seed, position=self.spent, split=c["split"])
                 prompts = [p for p in prompts for _ in range(k)]  # k samples of each prompt, side by side
                 n = len(prompts)
 
@@ -149,18 +166,15 @@ class Reinforce(Agent):
                     ref_logp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
                     # R(x, y) = RM(x, y) - beta * sum_t log(pi_theta / pi_ref)   (the token MDP's return)
                     kl = (logp.detach() - ref_logp).sum(1)
-                    rewards = scores - beta * kl
+                    rewards = kl_regularised_reward(scores, logp.detach(), ref_logp, beta)
                     adv = self.advantages(rewards)  # R - b (moving average, or leave-one-out for RLOO)
                     if c["normalize_advantages"]:
                         adv = adv / (adv.std() + 1e-8)
 
                 # ---- policy gradient: maximise E[(R - b) * log pi_theta(y|x)]
                 seq_logp = logp.sum(1)
-                loss = -(adv * seq_logp).mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), c["max_grad_norm"])
-                self.optimizer.step()
+                loss = policy_gradient_loss(seq_logp, adv)
+                grad_norm = self.step(loss)  # zero_grad, backward, clip at max_grad_norm, Adam step
 
                 metrics = {
                     "score": raw_scores.mean().item(),
@@ -168,27 +182,15 @@ class Reinforce(Agent):
                     "kl": kl.mean().item(),
                     "objective": (raw_scores - beta * kl).mean().item(),
                     "loss": loss.item(),
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "length": roll.mask.float().sum(1).mean().item(),
                     "eos_rate": roll.ended.float().mean().item(),
                 }
                 if self.baseline is not None:
                     metrics["baseline"] = self.baseline
-                gold = _gold(core, prompts, roll.texts)
-                if gold is not None:
-                    metrics["gold"] = gold
+                metrics["gold"] = mean_gold(core, prompts, roll.texts)  # None (not logged) without a gold scorer
                 run.update(n, metrics)
         return self
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_extra(self, directory: Path) -> None:
-        if self.optimizer is not None:
-            save_train_state(directory, {"optimizer": self.optimizer.state_dict(), "baseline": self.baseline, **_rng_state()})
-
-    def load_extra(self, directory: Path) -> None:
-        self._train_state = load_train_state(directory, device=self.device)
-        if self._train_state:
-            self.baseline = self._train_state.get("baseline")
 
 
 class RLOO(Reinforce):
@@ -199,15 +201,19 @@ class RLOO(Reinforce):
     multiple of ``rloo_k`` leaves the remainder unspent.
     """
 
-    name = "rloo"
+    @dataclass
+    class Config(Reinforce.Config):
+        """Hyperparameters of :class:`RLOO`: those of :class:`Reinforce`, plus ``rloo_k`` samples per
+        prompt (>= 2: the leave-one-out baseline needs another sample)."""
 
-    def __init__(self, policy: CausalLMPolicy | None = None, *, rloo_k: int = 4, batch_size: int = 32, **kwargs):
-        if not isinstance(rloo_k, int) or isinstance(rloo_k, bool) or rloo_k < 2:
-            raise AgentError(f"rloo: rloo_k must be an int >= 2 (the leave-one-out baseline needs another sample), got {rloo_k!r}.")
-        if not isinstance(batch_size, int) or batch_size < rloo_k:
-            raise AgentError(f"rloo: batch_size must be an int >= rloo_k={rloo_k} (k samples per prompt), got {batch_size!r}.")
-        super().__init__(policy, batch_size=batch_size, **kwargs)
-        self.config["rloo_k"] = rloo_k
+        rloo_k: int = param(4, low=2)
+
+        def check(self, agent: str) -> None:
+            if self.batch_size < self.rloo_k:
+                raise AgentError(f"{agent}: batch_size must be an int >= rloo_k={self.rloo_k} (k samples per prompt), "
+                                 f"got {self.batch_size!r}.")
+
+    name = "rloo"
 
     @property
     def samples_per_prompt(self) -> int:
@@ -215,7 +221,4 @@ class RLOO(Reinforce):
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """``R_i - (sum_j R_j - R_i) / (k - 1)`` over the ``k`` samples of each prompt."""
-        k = self.config["rloo_k"]
-        r = rewards.view(-1, k)
-        baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
-        return (r - baseline).view(-1)
+        return leave_one_out_advantages(rewards, self.config["rloo_k"])

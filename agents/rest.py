@@ -31,23 +31,51 @@ samples that pick the best checkpoint are evaluation, not training data, and are
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .base import AgentError, TrainingRun
-from .dpo import (
+from .base import AgentError
+from .common import (
+    AgentConfig,
     TrainingAgent,
-    check_range,
-    seed_everything,
+    TrainingRun,
+    draw_prompt_indices,
+    param,
     sub_seed,
     trim,
 )
 
-__all__ = ["ReST", "DEFAULT_THRESHOLDS"]
+__all__ = ["ReST", "DEFAULT_THRESHOLDS", "normalise_rewards", "rest_filter", "bc_loss"]
 
 DEFAULT_THRESHOLDS = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+# ---------------------------------------------------------------------------------------------- the math
+# Pure functions (arrays in, arrays out): the agent calls them, tests/test_agent_math.py checks them by hand.
+
+
+def normalise_rewards(rewards: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Rewards -> [0, 1]: ``R = clip((r - lo) / (hi - lo), 0, 1)``; all ones when ``hi <= lo`` (no spread)."""
+    if hi <= lo:
+        return np.ones_like(rewards)
+    return np.clip((rewards - lo) / (hi - lo), 0.0, 1.0)
+
+
+def rest_filter(normalised: np.ndarray, tau: float, mode: str = "absolute") -> np.ndarray:
+    """Indices kept by one Improve step: ``{i : R_i >= tau}`` ("absolute": tau is a reward level on [0, 1];
+    "quantile": tau is first replaced by the tau-quantile of the R_i). Rising thresholds
+    tau_0 < tau_1 < ... keep nested, shrinking subsets of the Grow set."""
+    if mode == "quantile":
+        tau = float(np.quantile(normalised, tau))
+    return np.flatnonzero(normalised >= tau)
+
+
+def bc_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Improve's behaviour-cloning loss from per-token log-probs (B, T) (0 on padding): the NLL per token,
+    ``-(1 / #tokens) sum_{i,t} log pi(y_it | x_i, y_i,<t)``."""
+    return -logp.sum() / mask.sum().clamp(min=1).to(logp.device)
 
 
 class ReST(TrainingAgent):
@@ -68,44 +96,37 @@ class ReST(TrainingAgent):
         eval_temperature: sampling temperature of the validation samples.
     """
 
-    name = "rest"
+    @dataclass
+    class Config(AgentConfig):
+        """Hyperparameters of :class:`ReST` (see the class docstring)."""
 
-    def __init__(self, policy=None, *, grow_steps: int = 1, thresholds=DEFAULT_THRESHOLDS,
-                 threshold_mode: str = "absolute", reward_range=None, samples_per_prompt: int = 4,
-                 prompts_per_grow: int | None = None, temperature: float = 0.8, include_original: bool = True,
-                 learning_rate: float = 1e-4, lr_decay: float = 0.5, improve_epochs: int = 1, batch_size: int = 16,
-                 max_grad_norm: float = 1.0, eval_prompts: int = 64, eval_temperature: float = 0.8, **kwargs: Any):
-        n = self.name
-        check_range("grow_steps", n, grow_steps, low=1, integer=True)
-        thresholds = [float(check_range("threshold", n, t, low=0, high=1)) for t in list(thresholds)]
-        if not thresholds:
-            raise AgentError(f"{n}: thresholds must list at least one Improve threshold, e.g. [0.0, 0.7, 0.9].")
-        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-            raise AgentError(f"{n}: thresholds must be strictly increasing (each Improve step filters harder), got {thresholds}.")
-        if threshold_mode not in ("absolute", "quantile"):
-            raise AgentError(f"{n}: unknown threshold_mode {threshold_mode!r}; use 'absolute' or 'quantile'.")
-        if reward_range is not None:
-            if len(reward_range) != 2 or not float(reward_range[0]) < float(reward_range[1]):
-                raise AgentError(f"{n}: reward_range must be [lo, hi] with lo < hi, got {reward_range!r}.")
-            reward_range = [float(reward_range[0]), float(reward_range[1])]
-        check_range("samples_per_prompt", n, samples_per_prompt, low=1, integer=True)
-        if prompts_per_grow is not None:
-            check_range("prompts_per_grow", n, prompts_per_grow, low=1, integer=True)
-        check_range("temperature", n, temperature, low=0, low_open=True)
-        check_range("learning_rate", n, learning_rate, low=0, low_open=True)
-        check_range("lr_decay", n, lr_decay, low=0, high=1, low_open=True)
-        check_range("improve_epochs", n, improve_epochs, low=1, integer=True)
-        check_range("batch_size", n, batch_size, low=1, integer=True)
-        check_range("max_grad_norm", n, max_grad_norm, low=0, low_open=True)
-        check_range("eval_prompts", n, eval_prompts, low=0, integer=True)
-        check_range("eval_temperature", n, eval_temperature, low=0)
-        super().__init__(policy, grow_steps=grow_steps, thresholds=thresholds, threshold_mode=threshold_mode,
-                         reward_range=reward_range, samples_per_prompt=samples_per_prompt,
-                         prompts_per_grow=prompts_per_grow, temperature=float(temperature),
-                         include_original=bool(include_original), learning_rate=float(learning_rate),
-                         lr_decay=float(lr_decay), improve_epochs=improve_epochs, batch_size=batch_size,
-                         max_grad_norm=float(max_grad_norm), eval_prompts=eval_prompts,
-                         eval_temperature=float(eval_temperature), **kwargs)
+        grow_steps: int = param(1, low=1)
+        thresholds: list[float] = param(DEFAULT_THRESHOLDS, low=0, high=1)
+        threshold_mode: str = param("absolute", choices=("absolute", "quantile"))
+        reward_range: list[float] | None = None
+        samples_per_prompt: int = param(4, low=1)
+        prompts_per_grow: int | None = param(None, low=1)
+        temperature: float = param(0.8, low=0, low_open=True)
+        include_original: bool = True
+        learning_rate: float = param(1e-4, low=0, low_open=True)
+        lr_decay: float = param(0.5, low=0, high=1, low_open=True)
+        improve_epochs: int = param(1, low=1)
+        batch_size: int = param(16, low=1)
+        max_grad_norm: float = param(1.0, low=0, low_open=True)
+        eval_prompts: int = param(64, low=0)
+        eval_temperature: float = param(0.8, low=0)
+
+        def check(self, agent: str) -> None:
+            t = self.thresholds
+            if not t:
+                raise AgentError(f"{agent}: thresholds must list at least one Improve threshold, e.g. [0.0, 0.7, 0.9].")
+            if any(b <= a for a, b in zip(t, t[1:])):
+                raise AgentError(f"{agent}: thresholds must be strictly increasing (each Improve step filters harder), got {t}.")
+            r = self.reward_range
+            if r is not None and (len(r) != 2 or not r[0] < r[1]):
+                raise AgentError(f"{agent}: reward_range must be [lo, hi] with lo < hi, got {r!r}.")
+
+    name = "rest"
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, core, budget: int) -> tuple[int, bool]:
@@ -130,14 +151,10 @@ class ReST(TrainingAgent):
         if lo_hi is None and isinstance(getattr(core, "reward_model", None), GoldReward):
             lo_hi = (-1.0, 1.0)  # the task's gold score lives in [-1, 1]
         lo, hi = lo_hi if lo_hi is not None else (float(rewards.min()), float(rewards.max()))
-        if hi <= lo:
-            return np.ones_like(rewards)
-        return np.clip((rewards - lo) / (hi - lo), 0.0, 1.0)
+        return normalise_rewards(rewards, lo, hi)
 
     def _filter(self, normalised: np.ndarray, tau: float) -> np.ndarray:
-        if self.config["threshold_mode"] == "quantile":
-            tau = float(np.quantile(normalised, tau))
-        return np.flatnonzero(normalised >= tau)
+        return rest_filter(normalised, tau, self.config["threshold_mode"])
 
     @torch.no_grad()
     def validation_reward(self, env, n_prompts: int | None = None, split: str = "validation",
@@ -162,8 +179,8 @@ class ReST(TrainingAgent):
             tok, m = trim(tokens[b], mask[b])
             # BC / NLL: -(1 / #tokens) sum_t log pi(y_t | x, y_<t)
             logp = self.policy.forward_logprobs([prompt_ids[i] for i in b], tok, m)
-            loss = -logp.sum() / m.sum().clamp(min=1).to(logp.device)
-            metrics = {"loss": loss.item(), "grad_norm": self._step(loss)}
+            loss = bc_loss(logp, m)
+            metrics = {"loss": loss.item(), "grad_norm": self.step(loss)}
             if not run.update(0, metrics):  # the data was paid for when it was grown
                 return False
         return True
@@ -180,16 +197,13 @@ class ReST(TrainingAgent):
         """
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
-            core, _, resumed = self._start(run, env)
+            core, _, resumed = self.start(run, env)  # resume, policy, checks, seeding
             cfg, st = self.config, self.trainer_state
             if not resumed:
-                seed_everything(self.seed)
                 st.update(run_start=self.spent, grow=0, improve=0, data=None, best_score=None, best_state=None)
             n_prompts, original = self._plan(core, budget - st["run_start"])
-            self._make_optimizer(cfg["learning_rate"])
-            rng = np.random.default_rng(sub_seed(self.seed, 11))
-            size = core.task.split_size("train")
-            idx = rng.choice(size, n_prompts, replace=size < n_prompts)
+            self.make_optimizer("adamw", cfg["learning_rate"], weight_decay=0.0)
+            idx = draw_prompt_indices(core, n_prompts, sub_seed(self.seed, 11))
             prompts = [core.task.prompt("train", int(i)) for i in idx]
             if st["best_score"] is None and cfg["eval_prompts"] > 0:  # the starting policy is a candidate too
                 st["best_score"], st["best_state"] = self.validation_reward(core), self._state_copy()

@@ -25,27 +25,31 @@ the pairs the uninterrupted run would have seen.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from .base import Agent, AgentError, TrainingRun, load_train_state, save_train_state
+from .base import Agent, AgentError
+from .common import SPLITS, AgentConfig, TrainingAgent, TrainingRun, param
 from .policy import CausalLMPolicy
-from .ppo import _rng_state, _set_rng_state
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise AgentError(f"sft: {message}")
-
-
-class SFT(Agent):
+class SFT(TrainingAgent):
     """Fine-tune the policy on (prompt, completion) pairs by next-token NLL.
 
     Args:
         policy: a :class:`CausalLMPolicy`; None = a copy of the env's reference model.
+        data: pairs to learn from instead of the task's references (list of ``(prompt, completion)``
+            or a ``datasets.Dataset``). Not saved with the agent: pass it again to resume.
+        hyperparameters: the fields of :class:`SFT.Config`.
+    """
+
+    @dataclass
+    class Config(AgentConfig):
+        """Hyperparameters of :class:`SFT`.
+
         learning_rate: AdamW step size.
         batch_size: pairs per gradient step.
         weight_decay: AdamW weight decay.
@@ -53,25 +57,20 @@ class SFT(Agent):
         writer: which reference writer of the task to learn from (micro world: "expert", "omitter",
             "wordy", "inventor"); None = the task's own mixture. Ignored when ``data`` is given.
         split: the task split the references come from.
-        data: pairs to learn from instead of the task's references (list of ``(prompt, completion)``
-            or a ``datasets.Dataset``). Not saved with the agent: pass it again to resume.
-    """
+        """
+
+        learning_rate: float = param(1e-4, low=0, low_open=True)
+        batch_size: int = param(32, low=1)
+        weight_decay: float = param(0.0, low=0)
+        max_grad_norm: float = param(1.0, low=0, low_open=True)
+        writer: str | None = None
+        split: str = param("train", choices=SPLITS)
 
     name = "sft"
 
-    def __init__(self, policy: CausalLMPolicy | None = None, *, learning_rate: float = 1e-4, batch_size: int = 32,
-                 weight_decay: float = 0.0, max_grad_norm: float = 1.0, writer: str | None = None, split: str = "train",
-                 data=None, device: str = "cpu", seed: int = 0):
-        _require(learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}.")
-        _require(isinstance(batch_size, int) and batch_size >= 1, f"batch_size must be an int >= 1, got {batch_size!r}.")
-        _require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}.")
-        _require(max_grad_norm > 0, f"max_grad_norm must be > 0, got {max_grad_norm}.")
-        _require(split in ("train", "validation", "test"), f"split must be train, validation or test, got {split!r}.")
-        super().__init__(policy, device=device, seed=seed, learning_rate=learning_rate, batch_size=batch_size,
-                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, writer=writer, split=split)
+    def __init__(self, policy: CausalLMPolicy | None = None, *, data=None, **hyperparameters):
+        super().__init__(policy, **hyperparameters)
         self.data = _as_pairs(data) if data is not None else None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._train_state: dict | None = None
 
     # ------------------------------------------------------------------------------------------ data
     def _pairs(self, core, start: int, n: int) -> list[tuple[str, str]]:
@@ -131,17 +130,9 @@ class SFT(Agent):
                 core.task.reference(c["split"], 0, writer=c["writer"])  # an unknown writer fails here, clearly
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
-            run.resume()
-            policy = self.policy_for(env)
-            self.optimizer = torch.optim.AdamW(policy.parameters(), lr=c["learning_rate"], weight_decay=c["weight_decay"])
-            state = self._train_state or {}
-            if "optimizer" in state:
-                self.optimizer.load_state_dict(state["optimizer"])
-            if state:
-                _set_rng_state(state)
-            else:
-                torch.manual_seed(self.seed)
-            self._train_state = None
+            self.start(run, env)  # resume, policy, seeding
+            policy = self.policy
+            self.make_optimizer("adamw", c["learning_rate"], weight_decay=c["weight_decay"])
 
             while not run.done:
                 n = min(c["batch_size"], run.remaining)
@@ -150,21 +141,10 @@ class SFT(Agent):
                 # L = -(1 / #tokens) * sum log pi_theta(y_t | x, y_<t)   (EOS included)
                 logp = policy.forward_logprobs(prompt_ids, tokens, mask)
                 loss = -logp.sum() / mask.sum()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), c["max_grad_norm"])
-                self.optimizer.step()
+                grad_norm = self.step(loss)
                 policy.eval()
-                run.update(n, {"nll": loss.item(), "grad_norm": float(grad_norm), "length": mask.float().sum(1).mean().item()})
+                run.update(n, {"nll": loss.item(), "grad_norm": grad_norm, "length": mask.float().sum(1).mean().item()})
         return self
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def save_extra(self, directory: Path) -> None:
-        if self.optimizer is not None:
-            save_train_state(directory, {"optimizer": self.optimizer.state_dict(), **_rng_state()})
-
-    def load_extra(self, directory: Path) -> None:
-        self._train_state = load_train_state(directory, device=self.device)
 
 
 def _as_pairs(data) -> list[tuple[str, str]]:

@@ -7,8 +7,9 @@ Importing this package registers the environment ids with gymnasium::
     env = gym.make("RLHF-Summarize-v0")
 """
 
+from .config import EnvConfig
 from .registration import ENV_IDS, register_envs
 
 register_envs()
 
-__all__ = ["ENV_IDS", "register_envs"]
+__all__ = ["ENV_IDS", "EnvConfig", "register_envs"]

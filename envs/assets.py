@@ -16,7 +16,7 @@ Layout of one version::
       manifest.json        written last by write_manifest(); lists every other file
       tokenizer/           PreTrainedTokenizerFast files
       sft/                 causal LM in save_pretrained format (pi_ref)
-      reward/ reward_fact/ preference/ judge/   feedback models (build_feedback.py); may be absent
+      reward/ reward_fact/ preference/ judge/   feedback models (envs/build/feedback.py); may be absent
 
 Writes are atomic (temp file or temp dir in the same directory, then rename), so an interrupted
 build leaves either the old asset or the new one, never half of each.
@@ -57,6 +57,7 @@ __all__ = [
     "atomic_write_text",
     "available_versions",
     "clear_cache",
+    "device_string",
     "load_micro_assets",
     "sha256_file",
     "verify_manifest",
@@ -72,7 +73,7 @@ MANIFEST_NAME = "manifest.json"
 #: bump when the manifest's layout changes; readers refuse other formats
 MANIFEST_FORMAT = 1
 #: the sub-directories an asset version may hold
-#: the feedback models (envs/build_feedback.py), in build order
+#: the feedback models (built by envs/build/feedback.py), in build order
 FEEDBACK_COMPONENTS = ("reward", "reward_fact", "preference", "judge")
 COMPONENTS = ("tokenizer", "sft", *FEEDBACK_COMPONENTS)
 
@@ -229,7 +230,7 @@ def _dist_version(dist: str) -> str | None:
         return None
 
 
-def _device_string() -> str:
+def device_string() -> str:
     """A human-readable description of the machine, e.g. ``cuda:NVIDIA H100 80GB HBM3`` or ``cpu:x86_64``."""
     torch = sys.modules.get("torch")  # only ask torch if the builder already imported it
     if torch is not None:
@@ -277,7 +278,7 @@ def write_manifest(
         "command": command,
         "seed": seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "built_on": _device_string(),
+        "built_on": device_string(),
         "python": platform.python_version(),
         "libraries": {name: _dist_version(name) for name in ("torch", "transformers", "tokenizers")},
     }

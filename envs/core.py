@@ -14,17 +14,22 @@ An agent that adds ``-kl_coef * log pi(a_t | s_t)`` to each reward gets the usua
 all (unless ``compute_ref=True``) and ``ref_logprob`` is reported as ``0.0``.
 
 The single env (:mod:`.token_env`), the torch vector env (:mod:`.vector_env`) and the SB3 adaptor
-(:mod:`.sb3`) are thin views of this class. Everything per step stays batched on the device; the
-only device-to-host transfer per step is one small ``(2, N)`` bool tensor (invalid actions, EOS),
-plus the completions of the episodes that ended (decoded once, in one ``batch_decode``, and scored
-by the reward model in one call). The reference model is stepped with :class:`~.lm.IncrementalLM`
+(:mod:`.sb3`) are thin views of this class; they share one set of sequence-level accessors
+(:class:`SequenceAccess`) and take their settings as one validated :class:`~.config.EnvConfig`.
+Prompts are encoded and completions decoded with the one text<->token convention of
+:mod:`.lm` (:func:`~.lm.encode_prompts`, :func:`~.lm.decode_completions`).
+
+Everything per step stays batched on the device; the only device-to-host transfer per step is one
+small ``(2, N)`` bool tensor (invalid actions, EOS), plus, in steps where episodes end, their
+completions (decoded once, in one batch, and scored by the reward model in one call) and a check
+that the scores are finite. The reference model is stepped with :class:`~.lm.IncrementalLM`
 (one forward per step for all rows; a replayed CUDA graph on GPUs), and its forward is launched
 before the finished episodes are decoded and scored, so the GPU works while the host scores.
 """
 
 from __future__ import annotations
 
-import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,24 +40,15 @@ from gymnasium.error import ResetNeeded
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 
+from .config import EnvConfig, resolve_autoreset_mode
 from .hf import resolve_device
-from .lm import IncrementalLM, model_vocab_size
-from .rewards import GoldReward, RewardModel, check_scores
-from .tasks.base import Task
+from .lm import IncrementalLM, decode_completions, encode_prompts, model_vocab_size
+from .rewards import GoldReward, RewardFunction, check_scores
+from .tasks.base import Task, check_text_pairs
 
-__all__ = ["TokenMDPCore", "StepResult", "resolve_device", "resolve_autoreset_mode"]
+__all__ = ["TokenMDPCore", "StepResult", "SequenceAccess", "resolve_device", "resolve_autoreset_mode"]
 
 RESET_OPTIONS = ("prompt_index", "split")
-
-
-def resolve_autoreset_mode(mode: AutoresetMode | str) -> AutoresetMode:
-    """Accept an :class:`AutoresetMode` or its value/name ("NextStep", "same_step", ...)."""
-    if isinstance(mode, AutoresetMode):
-        return mode
-    for m in AutoresetMode:
-        if str(mode).lower().replace("_", "") in (m.value.lower(), m.name.lower().replace("_", "")):
-            return m
-    raise ValueError(f"unknown autoreset_mode {mode!r}; use one of {[m.value for m in AutoresetMode]}.")
 
 
 @dataclass
@@ -94,24 +90,22 @@ class TokenMDPCore:
     Args:
         task: where prompts come from (and the gold scorer, reported in infos when it exists).
         tokenizer: a ``transformers`` tokenizer; its length ``V`` is the action space size, its
-            ``eos_token_id`` ends episodes. Prompts are encoded with its defaults
-            (``add_special_tokens=True``), i.e. as the model saw them in training.
-        reference: the frozen reference policy ``pi_ref`` (a causal LM with at least ``V`` logits);
-            the core puts it on ``device`` in eval mode.
-        reward_model: scores finished episodes (see :class:`~.rewards.RewardModel`).
-        num_envs: ``N``.
-        split: task split prompts are sampled from ("train", "validation", "test").
-        kl_coef: ``beta`` in ``r_t = beta * log pi_ref(a_t|s_t)``; 0 disables the reference model.
-        max_prompt_tokens: prompts longer than this keep their *last* ``max_prompt_tokens`` tokens
-            (the answer cue at the end of a prompt must survive; a warning is issued once).
-        max_new_tokens: episodes are truncated after this many generated tokens.
-        device: "cpu", "cuda", "cuda:1", ...
-        autoreset_mode: NEXT_STEP (gymnasium's default: the step after an episode ended resets that
-            row, ignores its action and returns reward 0), SAME_STEP (the step that ends an episode
-            already returns the next episode's first observation; the last one is in
-            ``final_input_ids``), or DISABLED (stepping a finished row is an error; call ``reset``).
-        compute_ref: run the reference model even when ``kl_coef == 0`` (to monitor ``ref_logprob``);
-            default: only when ``kl_coef != 0``.
+            ``eos_token_id`` ends episodes. Prompts are encoded with
+            :func:`~.lm.encode_prompts` (with the tokenizer's special tokens, e.g. a BOS, as the
+            model saw text in training) and completions decoded with :func:`~.lm.decode_completions`.
+        reference: the frozen reference policy ``pi_ref`` (a causal LM with at least ``V`` logits
+            that can attend to ``config.window`` positions); the core puts it on the device in eval mode.
+        reward_model: scores finished episodes (a :class:`~.rewards.RewardFunction`).
+        config: the settings (:class:`~.config.EnvConfig`; default: all defaults). ``N`` is
+            ``config.num_envs``.
+        autoreset_default: the autoreset mode when ``config.autoreset_mode`` is None (the view's
+            default: NEXT_STEP for the vector env, DISABLED for the single env).
+        **settings: :class:`~.config.EnvConfig` fields that override ``config`` (validated the same way).
+
+    Autoreset modes: NEXT_STEP (gymnasium's default: the step after an episode ended resets that
+    row, ignores its action and returns reward 0), SAME_STEP (the step that ends an episode already
+    returns the next episode's first observation; the last one is in ``final_input_ids``), or
+    DISABLED (stepping a finished row raises ``ResetNeeded``; call ``reset``).
 
     Observations are right-aligned ``(N, W)`` int64 ``input_ids``/``attention_mask`` tensors with
     ``W = max_prompt_tokens + max_new_tokens``; masked columns hold the pad id. The core never
@@ -123,45 +117,37 @@ class TokenMDPCore:
         task: Task,
         tokenizer,
         reference: torch.nn.Module,
-        reward_model: RewardModel,
+        reward_model: RewardFunction,
+        config: EnvConfig | None = None,
         *,
-        num_envs: int = 1,
-        split: str = "train",
-        kl_coef: float = 0.05,
-        max_prompt_tokens: int = 128,
-        max_new_tokens: int = 32,
-        device: str | torch.device = "cpu",
-        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-        compute_ref: bool | None = None,
+        autoreset_default: AutoresetMode = AutoresetMode.NEXT_STEP,
+        **settings,
     ):
+        config = EnvConfig.merged(config, settings, where=type(self).__name__)
         if not isinstance(task, Task):
             raise ValueError(f"task must be a rlhfgym.envs.tasks.base.Task, got {type(task).__name__}.")
-        task.check_split(split)
-        if not isinstance(reward_model, RewardModel):
+        task.check_split(config.split)
+        if not isinstance(reward_model, RewardFunction):
             raise ValueError(
                 f"reward_model must have a score(prompts, completions) -> Tensor method, got {type(reward_model).__name__}."
             )
-        if int(num_envs) < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
-        if int(max_new_tokens) < 1 or int(max_prompt_tokens) < 1:
-            raise ValueError(
-                f"max_new_tokens and max_prompt_tokens must be >= 1, got {max_new_tokens} and {max_prompt_tokens}."
-            )
-        if not math.isfinite(float(kl_coef)):
-            raise ValueError(f"kl_coef must be a finite number, got {kl_coef}.")
-        self.device = resolve_device(device)
-        self.autoreset_mode = resolve_autoreset_mode(autoreset_mode)
+        if not isinstance(reference, torch.nn.Module):
+            raise ValueError(f"reference must be a causal LM (a torch.nn.Module), got {type(reference).__name__}.")
+        config.check_reference(reference)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.autoreset_mode = autoreset_default if config.autoreset_mode is None else config.autoreset_mode
 
         self.task = task
         self.tokenizer = tokenizer
         self.reward_model = reward_model
-        self.num_envs = int(num_envs)
-        self.kl_coef = float(kl_coef)
-        self.max_prompt_tokens = int(max_prompt_tokens)
-        self.max_new_tokens = int(max_new_tokens)
-        self.window = self.max_prompt_tokens + self.max_new_tokens
-        self.split = split
-        self._check_split_nonempty(split)
+        self.num_envs = config.num_envs
+        self.kl_coef = config.kl_coef
+        self.max_prompt_tokens = config.max_prompt_tokens
+        self.max_new_tokens = config.max_new_tokens
+        self.window = config.window
+        self.split = config.split
+        self._check_split_nonempty(self.split)
 
         self.vocab_size = len(tokenizer)
         if tokenizer.eos_token_id is None:
@@ -176,7 +162,7 @@ class TokenMDPCore:
             )
 
         self.reference = reference.to(self.device).eval()
-        self.compute_ref = (self.kl_coef != 0.0) if compute_ref is None else bool(compute_ref)
+        self.compute_ref = (self.kl_coef != 0.0) if config.compute_ref is None else config.compute_ref
         self.ref_lm = IncrementalLM(self.reference, self.num_envs, self.window) if self.compute_ref else None
         self._gold_is_rm = isinstance(reward_model, GoldReward) and reward_model.task is task
 
@@ -196,21 +182,30 @@ class TokenMDPCore:
 
     # ------------------------------------------------------------ sequence-level access
     def prompts(self, split: str = "train", n: int | None = None, start: int = 0) -> list[str]:
-        """``n`` consecutive prompts of a task split (all of it when ``n`` is None)."""
+        """``n`` consecutive prompts of a task split from ``start`` (all of it when ``n`` is None)."""
         return self.task.prompts(split, n, start)
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """The env's reward-model scores of (prompt, completion) pairs, shape ``(B,)``."""
+        """The env's reward-model scores of (prompt, completion) pairs: a float32 tensor ``(B,)``
+        (empty for ``B == 0``). ``prompts`` and ``completions`` are equally long lists of str."""
+        prompts, completions = check_text_pairs(prompts, completions, "score")
+        if not prompts:
+            return torch.zeros(0, dtype=torch.float32)
         return check_scores(self.reward_model, self.reward_model.score(prompts, completions), len(prompts))
 
     def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        """The task's gold scores of (prompt, completion) pairs."""
+        """The task's gold scores of (prompt, completion) pairs (equally long lists of str)."""
+        prompts, completions = check_text_pairs(prompts, completions, "gold")
         return self.task.gold(prompts, completions)
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
         """P(a ≻ b | prompt), shape ``(B,)``: the reward model's own pairwise oracle when it has one
         (a preference model, a judge, a labeler population), else Bradley-Terry over its scores,
         ``σ(score(a) − score(b))``. Nash-learning agents query this."""
+        prompts, a = check_text_pairs(prompts, a, "prefer", "a")
+        prompts, b = check_text_pairs(prompts, b, "prefer", "b")
+        if not prompts:
+            return torch.zeros(0, dtype=torch.float32)
         if hasattr(self.reward_model, "prefer"):
             return self.reward_model.prefer(prompts, a, b)
         return torch.sigmoid(self.score(prompts, a) - self.score(prompts, b))
@@ -227,30 +222,65 @@ class TokenMDPCore:
         ``options``: ``{"prompt_index": int or one int per row}`` picks the prompts instead of
         sampling them; ``{"split": name}`` switches the split for this and later episodes.
         """
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"reset options must be a dict such as {{'prompt_index': 0}}, got {type(options).__name__}.")
         options = dict(options or {})
         unknown = set(options) - set(RESET_OPTIONS)
         if unknown:
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; valid options are {list(RESET_OPTIONS)}.")
-        if seed is not None:
-            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"reset got {len(seeds)} seeds for {self.num_envs} envs; pass one seed per env or one int.")
-            for i, s in enumerate(seeds):
-                if s is not None:
-                    self.rngs[i] = seeding.np_random(int(s))[0]
+        # Validate everything before changing any state, so a bad call leaves the env as it was.
+        seeds = self._check_seeds(seed)
+        split = options.get("split", self.split)
         if "split" in options:
-            self.task.check_split(options["split"])
-            self._check_split_nonempty(options["split"])
-            self.split = options["split"]
+            self.task.check_split(split)
+            self._check_split_nonempty(split)
         indices = options.get("prompt_index")
         if indices is not None:
-            indices = np.broadcast_to(np.asarray(indices, dtype=np.int64), (self.num_envs,))
+            indices = self._check_prompt_index(indices, split)
+        for i, s in enumerate(seeds):
+            if s is not None:
+                self.rngs[i] = seeding.np_random(s)[0]
+        self.split = split
         if self.ref_lm is not None:
             self.ref_lm.clear()
             self.ref_next_logprobs = None
         self._reset_rows(np.arange(self.num_envs), indices)
         self.started = True
         return self.input_ids, self.attention_mask
+
+    def _check_seeds(self, seed) -> list[int | None]:
+        """One seed (or None) per row: ``seed + i`` for an int, the entries of a sequence as given."""
+        def is_seed(s) -> bool:
+            return isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0
+
+        if seed is None:
+            return [None] * self.num_envs
+        if is_seed(seed):
+            return [int(seed) + i for i in range(self.num_envs)]
+        if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
+            raise ValueError(f"reset seed must be an int >= 0, None, or one per env, got {seed!r:.60}.")
+        seeds = list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"reset got {len(seeds)} seeds for {self.num_envs} envs; pass one seed per env or one int.")
+        for s in seeds:
+            if s is not None and not is_seed(s):
+                raise ValueError(f"reset seeds must be ints >= 0 or None, got {s!r:.40}.")
+        return [None if s is None else int(s) for s in seeds]
+
+    def _check_prompt_index(self, value, split: str) -> np.ndarray:
+        """The ``prompt_index`` reset option as one index per row, each in ``[0, split_size)``."""
+        size = self.task.split_size(split)
+        valid = f"an int in [0, {size}) for split {split!r}, or a sequence of {self.num_envs} such ints (one per env)"
+        arr = np.asarray(value) if not isinstance(value, (str, bytes)) else np.asarray([value])
+        if arr.dtype.kind not in "iu" or arr.ndim > 1 or (arr.ndim == 1 and len(arr) != self.num_envs):
+            raise ValueError(f"reset option prompt_index must be {valid}; got {value!r:.60}.")
+        arr = np.broadcast_to(arr.astype(np.int64), (self.num_envs,))
+        bad = arr[(arr < 0) | (arr >= size)]
+        if bad.size:
+            raise ValueError(
+                f"reset option prompt_index {int(bad[0])} is outside split {split!r} of size {size}; use 0..{size - 1}."
+            )
+        return arr
 
     def _check_split_nonempty(self, split: str) -> None:
         if self.task.split_size(split) < 1:
@@ -262,7 +292,7 @@ class TokenMDPCore:
         missing = sorted({int(i) for i in indices if (split, int(i)) not in self._prompt_cache})
         if missing:
             texts = [self.task.prompt(split, i) for i in missing]
-            encoded = self.tokenizer(texts)["input_ids"]
+            encoded = encode_prompts(self.tokenizer, texts)
             for i, text, ids in zip(missing, texts, encoded):
                 if len(ids) > self.max_prompt_tokens:
                     if not self._warned_truncation:
@@ -284,10 +314,7 @@ class TokenMDPCore:
         if indices is None:
             indices = np.array([self.rngs[r].integers(size) for r in rows], dtype=np.int64)
         else:
-            indices = np.asarray(indices, dtype=np.int64)
-            bad = indices[(indices < 0) | (indices >= size)]
-            if bad.size:
-                raise ValueError(f"prompt_index {int(bad[0])} is outside split {self.split!r} of size {size}; use 0..{size - 1}.")
+            indices = np.asarray(indices, dtype=np.int64)  # checked by reset()
         cached = self._prompts_and_tokens(indices)
         tokens = [t for _, t in cached]
 
@@ -420,9 +447,7 @@ class TokenMDPCore:
         m = self.max_new_tokens
         tail = self.input_ids[torch.as_tensor(rows, device=self.device), -m:].tolist()  # one transfer
         token_lists = [t[m - int(self.steps[r]) :] for t, r in zip(tail, rows)]
-        completions = self.tokenizer.batch_decode(
-            token_lists, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        completions = decode_completions(self.tokenizer, token_lists)
         prompts = [self.prompt_text[r] for r in rows]
         rm = self.score(prompts, completions).to(self.device)
         if self._gold_is_rm:
@@ -436,3 +461,83 @@ class TokenMDPCore:
         result.ref_logprob_sum = self.ref_logprob_sum[rows_t]
         result.rm_score, result.gold = rm, gold
         result.completions, result.prompts = completions, prompts
+
+
+class SequenceAccess:
+    """The sequence-level access shared by every view of a :class:`TokenMDPCore` (the single env,
+    the vector env and the SB3 adaptor), written once so the three cannot drift apart.
+
+    A subclass sets ``self.core``. Everything here reads through to it: :meth:`prompts`,
+    :meth:`score`, :meth:`gold`, :meth:`prefer`, and the attributes :attr:`config`, :attr:`task`,
+    :attr:`tokenizer`, :attr:`reference_model`, :attr:`reward_model`, :attr:`kl_coef`,
+    :attr:`max_new_tokens`, :attr:`max_prompt_tokens`, :attr:`device`.
+    """
+
+    #: the public names this mixin provides (the same on every view)
+    SEQUENCE_ACCESS = (
+        "prompts", "score", "gold", "prefer", "config", "task", "tokenizer", "reference_model",
+        "reward_model", "kl_coef", "max_new_tokens", "max_prompt_tokens", "device",
+    )
+
+    core: TokenMDPCore
+
+    @property
+    def config(self) -> EnvConfig:
+        """The validated settings this env was built with (:class:`~.config.EnvConfig`)."""
+        return self.core.config
+
+    @property
+    def task(self) -> Task:
+        """Where prompts come from, with the gold scorer."""
+        return self.core.task
+
+    @property
+    def tokenizer(self):
+        """The tokenizer: ``len(tokenizer)`` is the action space size, its EOS ends episodes."""
+        return self.core.tokenizer
+
+    @property
+    def reference_model(self) -> torch.nn.Module:
+        """The frozen reference policy ``pi_ref`` (a causal LM on the env's device)."""
+        return self.core.reference
+
+    @property
+    def reward_model(self) -> RewardFunction:
+        """What scores finished episodes (a :class:`~.rewards.RewardFunction`)."""
+        return self.core.reward_model
+
+    @property
+    def kl_coef(self) -> float:
+        """``beta`` of the per-step reward ``beta * log pi_ref(a_t|s_t)``."""
+        return self.core.kl_coef
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Episodes are truncated after this many generated tokens."""
+        return self.core.max_new_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Prompts longer than this keep their last tokens."""
+        return self.core.max_prompt_tokens
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the observations, rewards and reference model."""
+        return self.core.device
+
+    def prompts(self, split: str = "train", n: int | None = None, start: int = 0) -> list[str]:
+        """``n`` consecutive prompts of a task split from ``start`` (all of it when ``n`` is None)."""
+        return self.core.prompts(split, n, start)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        """Reward-model scores ``(B,)`` of (prompt, completion) pairs, as the env would reward them."""
+        return self.core.score(prompts, completions)
+
+    def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """Gold scores of (prompt, completion) pairs from the task."""
+        return self.core.gold(prompts, completions)
+
+    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
+        """P(a ≻ b | prompt) from the env's feedback (see :meth:`TokenMDPCore.prefer`)."""
+        return self.core.prefer(prompts, a, b)

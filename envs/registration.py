@@ -11,11 +11,14 @@ factories), so ``register_envs()`` is cheap to call from ``rlhfgym.envs``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 
+from .config import DEFAULT_MAX_PROMPT_TOKENS  # noqa: F401  (its old home; EnvConfig's default)
 from .feedback.factories import REWARD_FACTORIES
 from .hf import quiet_transformers
 
@@ -26,6 +29,7 @@ __all__ = [
     "make_summarize_vector_env",
     "register_envs",
     "build_components",
+    "COMPONENTS",
 ]
 
 #: registered env id -> kwargs baked into its spec
@@ -55,14 +59,66 @@ def _gold_reward(task, tokenizer, device):
 REWARD_MODELS: dict[str, Callable[..., Any]] = {"gold": _gold_reward, **REWARD_FACTORIES}
 
 
-# Default prompt budget for the micro news world: its prompts have at most ~80 word tokens.
-DEFAULT_MAX_PROMPT_TOKENS = 96
+#: the env's components: objects (or names/paths) the factories resolve, not settings
+COMPONENTS = ("reference", "tokenizer", "reward_model", "task")
 
 
 def _micro_assets():
     from .assets import load_micro_assets
 
     return load_micro_assets()
+
+
+def _offline() -> bool:
+    """Whether the Hugging Face hub is off limits (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    import huggingface_hub.constants as hf_constants
+
+    # huggingface_hub reads the variables once, at import; a later os.environ change counts too
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return bool(hf_constants.HF_HUB_OFFLINE) or any(
+        str(f).strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags if f is not None
+    )
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub repo id ("org/name" or "name")."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith(("./", "../", "~", ".\\", "..\\")) or name in (".", ".."):
+        return True
+    if os.path.exists(name) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    parent = path.parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _from_pretrained(loader, name, what: str):
+    """``loader.from_pretrained(name)`` that fails fast, with the fix, for a missing directory or an
+    uncached hub repo when offline (instead of a hub error or minutes of retries)."""
+    text = os.fspath(name)
+    if _looks_local(text):
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise ValueError(
+                f"{what}={text!r}: no such directory: {path.resolve()}. Pass a directory saved with "
+                "save_pretrained (or a hub repo id such as 'org/name')."
+            )
+        return loader.from_pretrained(path)
+    try:  # the local cache first: no network, no retries
+        return loader.from_pretrained(text, local_files_only=True)
+    except OSError:
+        if _offline():
+            raise ValueError(
+                f"{what}={text!r} is not in the local Hugging Face cache and the hub is offline "
+                "(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set); download it once while online, or pass a local "
+                "directory saved with save_pretrained."
+            ) from None
+    try:
+        return loader.from_pretrained(text)
+    except OSError as e:
+        raise ValueError(
+            f"could not load {what}={text!r} from the Hugging Face hub ({e}). Check the repo id and your "
+            "connection (or login for a gated repo), or pass a local directory saved with save_pretrained."
+        ) from e
 
 
 @quiet_transformers()  # gym.make prints nothing the user did not ask for (no load bars or reports)
@@ -73,44 +129,52 @@ def build_components(
     reward_model=None,
     task=None,
     device: str = "cpu",
+    split: str | None = None,
 ) -> dict[str, Any]:
     """Resolve the env's ingredients (shared by the single and the vector factory).
 
-    * ``task``: None -> the micro world's ``NewsTask()``.
+    * ``task``: None -> the micro world's ``NewsTask()``; ``split`` (if given) is checked on it
+      before anything is loaded.
     * ``reference``: None -> the micro world's frozen SFT model; a path or hub name -> loaded with
-      ``AutoModelForCausalLM.from_pretrained``; an ``nn.Module`` -> used as is.
+      ``AutoModelForCausalLM.from_pretrained`` (a missing directory, or a hub name that is not cached
+      while offline, fails at once); an ``nn.Module`` -> used as is.
     * ``tokenizer``: None -> the micro tokenizer if ``reference`` is None or a model object, else
       the tokenizer saved with ``reference`` (path or hub name); a path/name -> ``AutoTokenizer``;
       a tokenizer object -> used as is.
     * ``reward_model``: None or a name in :data:`REWARD_MODELS` ("gold") -> that factory; an object
-      with ``score(prompts, completions)`` -> used as is.
+      with ``score(prompts, completions)`` (a :class:`~.rewards.RewardFunction`) -> used as is.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .hf import resolve_device
-    from .rewards import RewardModel
+    from .rewards import RewardFunction
+    from .tasks.base import Task
 
     resolve_device(device)  # fail before loading anything if the device does not exist
     if task is None:
         from .tasks.news import NewsTask
 
         task = NewsTask()
+    elif not isinstance(task, Task):
+        raise ValueError(f"task must be None or a rlhfgym.envs.tasks.base.Task, got {type(task).__name__}.")
+    if split is not None:
+        task.check_split(split)
+    if reference is not None and not isinstance(reference, (str, os.PathLike, torch.nn.Module)):
+        raise ValueError(f"reference must be None, a path, a hub name or a causal LM, got {type(reference).__name__}.")
 
     if tokenizer is None:
         if reference is None or isinstance(reference, torch.nn.Module):
             tokenizer = AutoTokenizer.from_pretrained(_micro_assets().tokenizer_dir)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(reference)
+            tokenizer = _from_pretrained(AutoTokenizer, reference, "reference")
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = _from_pretrained(AutoTokenizer, tokenizer, "tokenizer")
 
     if reference is None:
         reference = AutoModelForCausalLM.from_pretrained(_micro_assets().sft_dir)
     elif isinstance(reference, (str, os.PathLike)):
-        reference = AutoModelForCausalLM.from_pretrained(reference)
-    elif not isinstance(reference, torch.nn.Module):
-        raise ValueError(f"reference must be None, a path, a hub name or a causal LM, got {type(reference).__name__}.")
+        reference = _from_pretrained(AutoModelForCausalLM, reference, "reference")
 
     if reward_model is None:
         reward_model = "gold"
@@ -118,7 +182,7 @@ def build_components(
         if reward_model not in REWARD_MODELS:
             raise ValueError(f"unknown reward model {reward_model!r}; use one of {sorted(REWARD_MODELS)} or pass an object.")
         reward_model = REWARD_MODELS[reward_model](task, tokenizer, device)
-    elif not isinstance(reward_model, RewardModel):
+    elif not isinstance(reward_model, RewardFunction):
         raise ValueError(
             f"reward_model must be a name ({sorted(REWARD_MODELS)}) or have score(prompts, completions); "
             f"got {type(reward_model).__name__}."
@@ -126,74 +190,82 @@ def build_components(
     return {"task": task, "tokenizer": tokenizer, "reference": reference, "reward_model": reward_model}
 
 
-def make_summarize_env(
-    split: str = "train",
-    kl_coef: float = 0.05,
-    max_new_tokens: int = 32,
-    device: str = "cpu",
-    reference=None,
-    tokenizer=None,
-    reward_model=None,
-    seed: int | None = None,
-    *,
-    task=None,
-    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
-    compute_ref: bool | None = None,
-):
-    """A :class:`~.token_env.TokenMDPEnv` on the summarization task (see :func:`build_components`).
+def _refuse_async_vectorization() -> None:
+    """Fail at once when gymnasium's AsyncVectorEnv is building copies of the single env.
 
-    ``seed`` seeds the env's generator now, so the first ``reset()`` without a seed is reproducible.
+    ``gym.make_vec(id, vectorization_mode="async")`` builds ``N`` single envs (``N`` models) in
+    worker processes and checks their spaces, which takes minutes and can orphan the workers.
+    The env is natively batched, so there is nothing to gain: refuse, with the fix. The builder is
+    recognised on the call stack (the first copy is always made in the calling process).
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "gymnasium.vector.async_vector_env":
+            raise gym.error.Error(
+                "rlhf-gym envs are natively batched and do not support vectorization_mode='async' (it would "
+                "load one model per sub-env in worker processes); use gym.make_vec(id, num_envs=N) with the "
+                "default vectorization mode (the env's own torch-batched vector env)."
+            )
+        frame = frame.f_back
+
+
+def _split_kwargs(kwargs: dict[str, Any], where: str, vector: bool):
+    """``(config, components)`` from a factory's keyword arguments: the settings go into one
+    validated :class:`~.config.EnvConfig` (``config=`` is a base they override), the rest are the
+    :data:`COMPONENTS`; an unknown name raises a ``ValueError`` naming the closest valid one."""
+    from .config import EnvConfig, unknown_keywords_error
+
+    kwargs = dict(kwargs)
+    base = kwargs.pop("config", None)
+    components = {k: kwargs.pop(k) for k in COMPONENTS if k in kwargs}
+    fields = set(EnvConfig.field_names())
+    if not vector:
+        fields -= {"num_envs", "autoreset_mode"}
+    unknown = set(kwargs) - fields
+    if unknown:
+        vector_only = unknown & {"num_envs", "autoreset_mode"}
+        if vector_only and not vector:
+            raise ValueError(
+                f"{sorted(vector_only)} configure vector envs; use gym.make_vec(id, num_envs=N, ...) "
+                "instead of gym.make."
+            )
+        raise unknown_keywords_error(unknown, fields | set(COMPONENTS) | {"config"}, where)
+    return EnvConfig.merged(base, kwargs, where=where), components
+
+
+def make_summarize_env(**kwargs: Any):
+    """A :class:`~.token_env.TokenMDPEnv` on the summarization task: ``gym.make(id, **kwargs)``.
+
+    Keywords: the :class:`~.config.EnvConfig` settings ``split``, ``kl_coef``, ``max_new_tokens``,
+    ``max_prompt_tokens``, ``device``, ``seed``, ``compute_ref`` (or ``config=EnvConfig(...)``, which
+    the others override), and the components ``reference``, ``tokenizer``, ``reward_model``,
+    ``task`` (see :func:`build_components`). ``seed`` seeds the env's generator now, so the first
+    ``reset()`` without a seed is reproducible.
+
+    Raises:
+        ValueError: an unknown keyword (the closest valid one is named) or an invalid setting.
+        gymnasium.error.Error: called to build copies for an ``AsyncVectorEnv``.
     """
     from .token_env import TokenMDPEnv
 
-    parts = build_components(reference=reference, tokenizer=tokenizer, reward_model=reward_model, task=task, device=device)
-    return TokenMDPEnv(
-        **parts,
-        split=split,
-        kl_coef=kl_coef,
-        max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens,
-        device=device,
-        compute_ref=compute_ref,
-        seed=seed,
-    )
+    _refuse_async_vectorization()
+    config, components = _split_kwargs(kwargs, "gym.make (make_summarize_env)", vector=False)
+    parts = build_components(**components, device=config.device, split=config.split)
+    return TokenMDPEnv(**parts, config=config)
 
 
-def make_summarize_vector_env(
-    num_envs: int = 1,
-    split: str = "train",
-    kl_coef: float = 0.05,
-    max_new_tokens: int = 32,
-    device: str = "cpu",
-    reference=None,
-    tokenizer=None,
-    reward_model=None,
-    seed: int | None = None,
-    *,
-    task=None,
-    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
-    autoreset_mode="NextStep",
-    compute_ref: bool | None = None,
-):
-    """A torch-native :class:`~.vector_env.TokenMDPVectorEnv` with ``num_envs`` rows.
+def make_summarize_vector_env(**kwargs: Any):
+    """A torch-native :class:`~.vector_env.TokenMDPVectorEnv`: ``gym.make_vec(id, num_envs, **kwargs)``.
 
-    ``seed`` seeds row ``i`` with ``seed + i`` now (as ``reset(seed=seed)`` would).
+    Keywords: those of :func:`make_summarize_env` plus ``num_envs`` and ``autoreset_mode``
+    ("NextStep", the default, or "SameStep"). ``seed`` seeds row ``i`` with ``seed + i`` now (as
+    ``reset(seed=seed)`` would).
     """
     from .vector_env import TokenMDPVectorEnv
 
-    parts = build_components(reference=reference, tokenizer=tokenizer, reward_model=reward_model, task=task, device=device)
-    return TokenMDPVectorEnv(
-        **parts,
-        num_envs=num_envs,
-        split=split,
-        kl_coef=kl_coef,
-        max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens,
-        device=device,
-        autoreset_mode=autoreset_mode,
-        compute_ref=compute_ref,
-        seed=seed,
-    )
+    config, components = _split_kwargs(kwargs, "gym.make_vec (make_summarize_vector_env)", vector=True)
+    parts = build_components(**components, device=config.device, split=config.split)
+    return TokenMDPVectorEnv(**parts, config=config)
 
 
 def register_envs() -> None:

@@ -1,11 +1,17 @@
-"""Reward models: anything that scores a batch of (prompt, completion) texts.
+"""Reward functions: anything that scores a batch of (prompt, completion) texts.
 
 The environment calls ``score`` once per step with *all* the episodes that ended in that step, so a
 learned reward model gets one batched forward pass instead of one call per episode.
+
+:class:`RewardFunction` is the interface of the env's reward slot (named so it does not clash with
+the trainable Bradley-Terry :class:`rlhfgym.envs.feedback.reward_model.RewardModel`, one of the
+objects that fill the slot). ``rlhfgym.envs.rewards.RewardModel`` is its old name, kept for one
+release with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -13,14 +19,14 @@ import torch
 
 from .tasks.base import Task
 
-__all__ = ["RewardModel", "GoldReward", "check_scores"]
+__all__ = ["RewardFunction", "GoldReward", "check_scores"]
 
 
 @runtime_checkable
-class RewardModel(Protocol):
-    """The reward-model interface (structural: any object with this ``score`` method qualifies).
+class RewardFunction(Protocol):
+    """The reward-slot interface (structural: any object with this ``score`` method qualifies).
 
-    ``score(prompts, completions)`` returns a float32 tensor of shape ``(B,)`` with one scalar
+    ``score(prompts, completions)`` returns a float tensor of shape ``(B,)`` with one finite scalar
     reward per pair; ``len(prompts) == len(completions) == B``. It may live on any device (the env
     moves it). Higher is better.
     """
@@ -29,7 +35,7 @@ class RewardModel(Protocol):
 
 
 class GoldReward:
-    """The task's gold scorer as a reward model (``Task.gold``, in ``[-1, 1]`` for built-in tasks)."""
+    """The task's gold scorer as a reward function (``Task.gold``, in ``[-1, 1]`` for built-in tasks)."""
 
     def __init__(self, task: Task):
         if not task.has_gold:
@@ -46,13 +52,47 @@ class GoldReward:
         return f"GoldReward(task={self.task.name!r})"
 
 
-def check_scores(reward_model: RewardModel, scores, n: int) -> torch.Tensor:
-    """Validate what ``reward_model.score`` returned for ``n`` pairs: a float tensor of shape ``(n,)``."""
+def check_scores(reward_model: RewardFunction, scores, n: int) -> torch.Tensor:
+    """What ``reward_model.score`` returned for ``n`` pairs, as a float tensor of shape ``(n,)``.
+
+    Raises:
+        ValueError: the scores are not numbers, do not have shape ``(n,)``, or are not all finite
+            (a NaN or inf reward would silently poison every return it is summed into).
+    """
     if not isinstance(scores, torch.Tensor):
-        scores = torch.as_tensor(scores, dtype=torch.float32)
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"{reward_model!r}.score() returned {type(scores).__name__} {scores!r:.60} for {n} completions; "
+                f"it must return a float tensor of shape ({n},)."
+            ) from None
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise ValueError(f"{reward_model!r}.score() returned a {scores.dtype} tensor; it must return real-valued scores.")
     if scores.shape != (n,):
         raise ValueError(
             f"{reward_model!r}.score() returned shape {tuple(scores.shape)} for {n} completions; "
             f"it must return a tensor of shape ({n},) with one score per completion."
         )
-    return scores.float()
+    scores = scores.float()
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{reward_model!r}.score() returned a non-finite score ({float(scores[i])}) for pair {i}; "
+            "a reward function must return finite scores: fix the reward function (or clip its output)."
+        )
+    return scores
+
+
+def __getattr__(name: str):
+    # Deprecated alias, kept for one release: the name clashed with the Bradley-Terry RewardModel.
+    if name == "RewardModel":
+        warnings.warn(
+            "rlhfgym.envs.rewards.RewardModel is deprecated and will be removed in the next release; "
+            "use rlhfgym.envs.rewards.RewardFunction (the reward-slot interface).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RewardFunction
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ env object per env)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -21,16 +20,20 @@ import torch
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env import VecEnv
 
+from .core import SequenceAccess
 from .vector_env import TokenMDPVectorEnv
 
 __all__ = ["SB3VecEnv", "make_sb3_vec_env"]
 
 
-class SB3VecEnv(VecEnv):
+class SB3VecEnv(SequenceAccess, VecEnv):
     """Present a SAME_STEP :class:`~.vector_env.TokenMDPVectorEnv` as an SB3 ``VecEnv``.
 
     All sub-envs share one batched core, so ``get_attr``/``env_method`` are evaluated once on the
-    vector env (attribute or method of the same name) and the result is repeated per index.
+    vector env (attribute or method of the same name) and the result is repeated per index. The
+    sequence-level access (:meth:`prompts`, :meth:`score`, :meth:`gold`, :meth:`prefer`,
+    :attr:`config`, :attr:`task`, :attr:`tokenizer`, :attr:`reference_model`, ...) is the one of
+    the single and vector envs (:class:`~.core.SequenceAccess`).
     """
 
     def __init__(self, venv: TokenMDPVectorEnv):
@@ -102,16 +105,6 @@ class SB3VecEnv(VecEnv):
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices=None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]
-
-    # ------------------------------------------------------------------ sequence-level access
-    def prompts(self, split: str = "train", n: int | None = None, start: int = 0) -> list[str]:
-        return self.venv.prompts(split, n, start)
-
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        return self.venv.score(prompts, completions)
-
-    def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        return self.venv.gold(prompts, completions)
 
 
 def make_sb3_vec_env(env_id: str, num_envs: int = 1, **kwargs: Any) -> SB3VecEnv:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -12,8 +11,9 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode
 
-from .core import TokenMDPCore
-from .rewards import RewardModel
+from .config import EnvConfig
+from .core import SequenceAccess, TokenMDPCore
+from .rewards import RewardFunction
 from .tasks.base import Task
 
 __all__ = ["TokenMDPEnv", "token_spaces"]
@@ -30,7 +30,7 @@ def token_spaces(vocab_size: int, window: int) -> tuple[spaces.Dict, spaces.Disc
     return observation_space, spaces.Discrete(vocab_size)
 
 
-class TokenMDPEnv(gym.Env):
+class TokenMDPEnv(SequenceAccess, gym.Env):
     """Generate a completion for a prompt, one token per step.
 
     **Observation**: ``{"input_ids": int64 (W,), "attention_mask": int64 (W,)}``, right-aligned
@@ -60,8 +60,14 @@ class TokenMDPEnv(gym.Env):
     **reset options**: ``{"prompt_index": i}`` uses prompt ``i`` of the split instead of sampling;
     ``{"split": "validation"}`` switches the split for this and later episodes.
 
-    Sequence-level helpers (for evaluation and baselines): :meth:`prompts`, :meth:`score`,
-    :meth:`gold`, :attr:`tokenizer`, :attr:`reference_model`, :attr:`task`.
+    **Construction**: ``TokenMDPEnv(task, tokenizer, reference, reward_model, config=None, **settings)``
+    with an :class:`~.config.EnvConfig` (``settings`` override its fields; ``num_envs`` must be 1 and
+    ``autoreset_mode`` None or DISABLED: the single env never autoresets).
+
+    Sequence-level access (for evaluation and baselines, shared with the vector env and the SB3
+    adaptor through :class:`~.core.SequenceAccess`): :meth:`prompts`, :meth:`score`, :meth:`gold`,
+    :meth:`prefer`, :attr:`config`, :attr:`tokenizer`, :attr:`reference_model`, :attr:`task`,
+    :attr:`max_new_tokens`, ...
     """
 
     metadata = {"render_modes": []}
@@ -71,33 +77,25 @@ class TokenMDPEnv(gym.Env):
         task: Task,
         tokenizer,
         reference: torch.nn.Module,
-        reward_model: RewardModel,
-        *,
-        split: str = "train",
-        kl_coef: float = 0.05,
-        max_prompt_tokens: int = 128,
-        max_new_tokens: int = 32,
-        device: str | torch.device = "cpu",
-        compute_ref: bool | None = None,
-        seed: int | None = None,
+        reward_model: RewardFunction,
+        config: EnvConfig | None = None,
+        **settings,
     ):
-        self.core = TokenMDPCore(
-            task,
-            tokenizer,
-            reference,
-            reward_model,
-            num_envs=1,
-            split=split,
-            kl_coef=kl_coef,
-            max_prompt_tokens=max_prompt_tokens,
-            max_new_tokens=max_new_tokens,
-            device=device,
-            autoreset_mode=AutoresetMode.DISABLED,
-            compute_ref=compute_ref,
-        )
+        config = EnvConfig.merged(config, settings, where="TokenMDPEnv")
+        if config.num_envs != 1:
+            raise ValueError(
+                f"TokenMDPEnv is one episode at a time, got num_envs={config.num_envs}; use "
+                "TokenMDPVectorEnv or gym.make_vec(id, num_envs=N) for a batch."
+            )
+        if config.autoreset_mode not in (None, AutoresetMode.DISABLED):
+            raise ValueError(
+                f"the single env never autoresets (call reset() after an episode ends), got "
+                f"autoreset_mode={config.autoreset_mode.value!r}; autoreset_mode is for gym.make_vec."
+            )
+        self.core = TokenMDPCore(task, tokenizer, reference, reward_model, config, autoreset_default=AutoresetMode.DISABLED)
         self.observation_space, self.action_space = token_spaces(self.core.vocab_size, self.core.window)
-        if seed is not None:  # seed now, so the first reset() without a seed is reproducible
-            self._np_random, self._np_random_seed = seeding.np_random(seed)
+        if config.seed is not None:  # seed now, so the first reset() without a seed is reproducible
+            self._np_random, self._np_random_seed = seeding.np_random(config.seed)
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -109,6 +107,11 @@ class TokenMDPEnv(gym.Env):
         return self._obs(ids, mask), {"prompt_index": int(self.core.prompt_index[0]), "prompt": self.core.prompt_text[0]}
 
     def step(self, action):
+        if np.size(action) != 1:  # checked here: the core would read an array as one action per env
+            raise ValueError(
+                f"the single env takes one action (an int token id in [0, {self.core.vocab_size})), got "
+                f"{np.shape(action)} values; batch actions belong to gym.make_vec(...)."
+            )
         r = self.core.step(np.asarray(action).reshape(1))
         terminated, truncated = bool(r.terminated[0]), bool(r.truncated[0])
         info: dict[str, Any] = {"ref_logprob": float(r.ref_logprob[0])}
@@ -126,49 +129,3 @@ class TokenMDPEnv(gym.Env):
     def _obs(ids: torch.Tensor, mask: torch.Tensor) -> dict[str, np.ndarray]:
         # fresh arrays: the caller may keep or modify them without touching the env's state
         return {"input_ids": ids[0].cpu().numpy().copy(), "attention_mask": mask[0].cpu().numpy().copy()}
-
-    # ------------------------------------------------------------------ sequence-level access
-    @property
-    def task(self) -> Task:
-        return self.core.task
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
-
-    @property
-    def reference_model(self) -> torch.nn.Module:
-        """The frozen reference policy ``pi_ref`` (a causal LM on the env's device)."""
-        return self.core.reference
-
-    @property
-    def reward_model(self) -> RewardModel:
-        return self.core.reward_model
-
-    @property
-    def kl_coef(self) -> float:
-        return self.core.kl_coef
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.core.max_new_tokens
-
-    @property
-    def device(self) -> torch.device:
-        return self.core.device
-
-    def prompts(self, split: str = "train", n: int | None = None, start: int = 0) -> list[str]:
-        """``n`` consecutive prompts of a task split from ``start`` (all of it when ``n`` is None)."""
-        return self.core.prompts(split, n, start)
-
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """Reward-model scores ``(B,)`` of (prompt, completion) pairs, as the env would reward them."""
-        return self.core.score(prompts, completions)
-
-    def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        """Gold scores of (prompt, completion) pairs from the task."""
-        return self.core.gold(prompts, completions)
-
-    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
-        """P(a ≻ b | prompt) from the env's feedback (see :meth:`~.core.TokenMDPCore.prefer`)."""
-        return self.core.prefer(prompts, a, b)

@@ -11,8 +11,9 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from .core import StepResult, TokenMDPCore
-from .rewards import RewardModel
+from .config import EnvConfig
+from .core import SequenceAccess, StepResult, TokenMDPCore
+from .rewards import RewardFunction
 from .tasks.base import Task
 from .token_env import token_spaces
 
@@ -21,7 +22,7 @@ __all__ = ["TokenMDPVectorEnv"]
 _END_KEYS = ("rm_score", "gold", "ref_logprob_sum", "length")
 
 
-class TokenMDPVectorEnv(VectorEnv):
+class TokenMDPVectorEnv(SequenceAccess, VectorEnv):
     """``N`` copies of :class:`~.token_env.TokenMDPEnv` stepped as one batch; everything stays torch.
 
     Observations are ``{"input_ids": (N, W), "attention_mask": (N, W)}`` int64 tensors on the env's
@@ -45,6 +46,12 @@ class TokenMDPVectorEnv(VectorEnv):
     a new episode (every row at ``reset``, autoreset rows in ``step``) report the new prompt's
     ``prompt_index`` (int64 tensor, masked).
 
+    Construction: ``TokenMDPVectorEnv(task, tokenizer, reference, reward_model, config=None, **settings)``
+    with an :class:`~.config.EnvConfig` (``settings`` override its fields; ``config.num_envs`` rows,
+    ``config.autoreset_mode`` None means NEXT_STEP). The sequence-level access (:meth:`prompts`,
+    :meth:`score`, :meth:`gold`, :meth:`prefer`, :attr:`config`, :attr:`tokenizer`, ...) is the
+    single env's (:class:`~.core.SequenceAccess`).
+
     A policy kept in step with the env by :class:`~.lm.IncrementalLM` (same loop for both modes)::
 
         obs, info = envs.reset(seed=0)
@@ -64,46 +71,22 @@ class TokenMDPVectorEnv(VectorEnv):
         task: Task,
         tokenizer,
         reference: torch.nn.Module,
-        reward_model: RewardModel,
-        *,
-        num_envs: int = 1,
-        split: str = "train",
-        kl_coef: float = 0.05,
-        max_prompt_tokens: int = 128,
-        max_new_tokens: int = 32,
-        device: str | torch.device = "cpu",
-        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-        compute_ref: bool | None = None,
-        seed: int | None = None,
+        reward_model: RewardFunction,
+        config: EnvConfig | None = None,
+        **settings,
     ):
-        self.core = TokenMDPCore(
-            task,
-            tokenizer,
-            reference,
-            reward_model,
-            num_envs=num_envs,
-            split=split,
-            kl_coef=kl_coef,
-            max_prompt_tokens=max_prompt_tokens,
-            max_new_tokens=max_new_tokens,
-            device=device,
-            autoreset_mode=autoreset_mode,
-            compute_ref=compute_ref,
-        )
-        if self.core.autoreset_mode == AutoresetMode.DISABLED:
+        config = EnvConfig.merged(config, settings, where="TokenMDPVectorEnv")
+        if config.autoreset_mode == AutoresetMode.DISABLED:
             raise ValueError("TokenMDPVectorEnv supports autoreset_mode NEXT_STEP or SAME_STEP, not DISABLED.")
+        self.core = TokenMDPCore(task, tokenizer, reference, reward_model, config)
         self.num_envs = self.core.num_envs
         self.single_observation_space, self.single_action_space = token_spaces(self.core.vocab_size, self.core.window)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.metadata = {"autoreset_mode": self.core.autoreset_mode, "torch": True, "render_modes": []}
-        if seed is not None:  # seed now (row i <- seed + i), so a first reset() without a seed is reproducible
-            self._np_random, self._np_random_seed = seeding.np_random(seed)
-            self.core.rngs = [seeding.np_random(seed + i)[0] for i in range(self.num_envs)]
-
-    @property
-    def device(self) -> torch.device:
-        return self.core.device
+        if config.seed is not None:  # seed now (row i <- seed + i), so a first reset() without a seed is reproducible
+            self._np_random, self._np_random_seed = seeding.np_random(config.seed)
+            self.core.rngs = [seeding.np_random(config.seed + i)[0] for i in range(self.num_envs)]
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
@@ -164,41 +147,3 @@ class TokenMDPVectorEnv(VectorEnv):
             completion[row] = text
         info["completion"], info["_completion"] = completion, mask
         return info
-
-    # ------------------------------------------------------------------ sequence-level access
-    @property
-    def task(self) -> Task:
-        return self.core.task
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
-
-    @property
-    def reference_model(self) -> torch.nn.Module:
-        return self.core.reference
-
-    @property
-    def reward_model(self) -> RewardModel:
-        return self.core.reward_model
-
-    @property
-    def kl_coef(self) -> float:
-        return self.core.kl_coef
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.core.max_new_tokens
-
-    def prompts(self, split: str = "train", n: int | None = None, start: int = 0) -> list[str]:
-        return self.core.prompts(split, n, start)
-
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        return self.core.score(prompts, completions)
-
-    def gold(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        return self.core.gold(prompts, completions)
-
-    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> torch.Tensor:
-        """P(a ≻ b | prompt) from the env's feedback (see :meth:`~.core.TokenMDPCore.prefer`)."""
-        return self.core.prefer(prompts, a, b)

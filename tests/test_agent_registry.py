@@ -91,3 +91,37 @@ def test_bad_budget_unknown_agent_and_foreign_checkpoint(tmp_path):
     agent = agents.make("best-of-n")
     with pytest.raises(AgentError, match="budget must be a positive"):
         agent.check_budget(0)
+
+
+# ---------------------------------------------------------------------------------------- hyperparameters
+@pytest.mark.parametrize("name", sorted(agents.BUILTIN_AGENTS))
+def test_every_builtin_agent_declares_its_hyperparameters_as_one_dataclass(name):
+    import dataclasses
+
+    cls = agents.agent_class(name)
+    config = agents.make(name).config
+    assert dataclasses.is_dataclass(cls.Config)
+    assert list(config) == [f.name for f in dataclasses.fields(cls.Config)]
+    assert json.loads(json.dumps(config)) == config  # checkpoints store it; load() rebuilds the agent from it
+    assert type(cls(**config)).__name__ == cls.__name__
+
+
+def test_hyperparameter_types_follow_the_dataclass():
+    a = agents.make("ppo", learning_rate="1e-4", vf_coef=1, batch_size=8, mini_batch_size=4)
+    assert a.config["learning_rate"] == 1e-4  # YAML 1.1 reads 1e-4 as a string
+    assert type(a.config["vf_coef"]) is float and type(a.config["batch_size"]) is int
+    assert agents.make("rest", thresholds=(0, 0.5)).config["thresholds"] == [0.0, 0.5]
+    with pytest.raises(AgentError, match="dpo: batch_size must be an integer, got 8.0"):
+        agents.make("dpo", batch_size=8.0)
+    with pytest.raises(AgentError, match="kto: soft_labels must be true or false, got 'yes'"):
+        agents.make("kto", soft_labels="yes")
+    with pytest.raises(AgentError, match=r"rest: thresholds must be in \[0, 1\], got 2.0"):
+        agents.make("rest", thresholds=[0.0, 2])
+    with pytest.raises(AgentError, match=r"nash-md: unknown opponent 'emma' \(did you mean 'ema'\?\)"):
+        agents.make("nash-md", opponent="emma")
+    with pytest.raises(AgentError, match=r"reinforce: kl_coef must be >= 0, got -1.0"):
+        agents.make("reinforce", kl_coef=-1.0)
+    with pytest.raises(AgentError, match="ppo: mini_batch_size must be an int in"):
+        agents.make("ppo", batch_size=4, mini_batch_size=8)
+    with pytest.raises(AgentError, match=r"unknown hyperparameter 'ppo_epoch' \(did you mean 'ppo_epochs'\?\)"):
+        agents.make("ppo", ppo_epoch=2)

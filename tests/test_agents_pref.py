@@ -145,6 +145,24 @@ def test_nash_md_win_rate_against_sft_rises_above_half(env):
 # ---------------------------------------------------------------------------------------------- mechanics
 
 
+def test_nash_md_log_probs_use_the_sampling_temperature(env):
+    """The policy samples y at ``temperature``; the loss's log pi(y) must be that tempered policy's (as in
+    PPO and REINFORCE), while log pi_ref stays the env's reference at temperature 1."""
+    agent = NashMD(batch_size=2, temperature=0.7, preference="reward")
+    agent.policy = CausalLMPolicy.from_env(env)
+    calls = []
+    original = agent.policy.forward_logprobs
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("model") is None, kwargs.get("temperature", 1.0)))
+        return original(*args, **kwargs)
+
+    agent.policy.forward_logprobs = spy
+    agent.learn(env, 4, progress_bar=False)
+    assert (True, 0.7) in calls and (True, 1.0) not in calls  # the policy's own log-probs: tempered
+    assert (False, 1.0) in calls  # the reference's: untempered
+
+
 def test_geometric_mixture_sampling_matches_teacher_forcing(env):
     """The KV-cached per-token mixture equals log_softmax((1 - b) log pi + b log pi_ref) recomputed
     from full forward passes of both models."""
@@ -248,14 +266,18 @@ def test_nash_md_preference_sources(env, monkeypatch):
     monkeypatch.setattr(core, "prefer", None, raising=False)  # an env without a pairwise oracle
     with pytest.raises(AgentError, match="no prefer"):
         NashMD(preference="env").preference_fn(env)
-    auto = NashMD(preference_temperature=0.2).preference_fn(env)  # "auto" falls back to the reward model
-    assert torch.allclose(auto(prompts, a, b), expected)
+    with pytest.raises(AgentError, match="no prefer.*preference='reward'"):  # the default: no silent fallback
+        NashMD().preference_fn(env)
+    assert torch.allclose(NashMD(preference="reward", preference_temperature=0.2).preference_fn(env)(prompts, a, b), expected)
 
     def oracle(p, x, y):
         return torch.full((len(p),), 0.75)
 
     monkeypatch.setattr(core, "prefer", oracle)
-    assert NashMD().preference_fn(env) is oracle  # "auto": the env's own oracle wins over the reward model
+    assert NashMD().preference_fn(env) is oracle  # the default "env": the env's own oracle
+    with pytest.warns(DeprecationWarning, match="preference='auto' is deprecated"):
+        auto = NashMD(preference="auto")  # the former default: an alias of "env" for one release
+    assert auto.config["preference"] == "env" and auto.preference_fn(env) is oracle
     assert NashMD(preference="reward").preference_fn(env) is not oracle
 
     def mine(p, x, y):
@@ -291,6 +313,7 @@ def test_nash_md_preference_sources(env, monkeypatch):
         (NashMD, {"opponent": "future"}, "unknown opponent"),
         (NashMD, {"ema_decay": 1.0}, "ema_decay"),
         (NashMD, {"kl_coef": -0.1}, "kl_coef"),
+        (NashMD, {"preference": "best"}, "unknown preference"),
     ],
 )
 def test_hyperparameters_out_of_range_raise(cls, kwargs, match):

@@ -179,19 +179,49 @@ def test_reinforce_baseline_is_a_moving_average():
 
 
 # ---------------------------------------------------------------------------------------- PPO options
-def test_ppo_adaptive_kl_halves_then_doubles(env):
-    betas = []
-    agent = PPO(batch_size=16, mini_batch_size=8, ppo_epochs=2, learning_rate=1e-3, kl_mode="adaptive",
-                adaptive_kl_target=1e-3, kl_coef=0.1)
-    agent.learn(env, 32, callback=lambda a, m: betas.append((m["beta"], m["kl"])), progress_bar=False)
-    (b0, kl0), (b1, kl1) = betas
-    assert b0 == 0.1 and kl0 == pytest.approx(0.0, abs=1e-3)  # pi = pi_ref: KL < delta / 1.5 -> beta / 2
-    assert b1 == pytest.approx(0.05) and kl1 > 1.5e-3  # after a large update: KL > 1.5 delta -> beta * 2
-    assert agent.beta == pytest.approx(0.1)
+def test_ppo_reference_kl_controllers(env):
+    # proportional controller (Ziegler et al.): e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon
+    seen = []
+    agent = PPO(batch_size=8, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-3, kl_controller="adaptive",
+                kl_target=100.0, kl_horizon=16, kl_coef=0.1)
+    agent.learn(env, 16, callback=lambda a, m: seen.append((m["beta"], m["kl"])), progress_bar=False)
+    (b0, kl0), (b1, kl1) = seen
+    assert b0 == 0.1 and kl0 == pytest.approx(0.0, abs=1e-3)  # pi = pi_ref at first
+    assert b1 == pytest.approx(0.1 * (1 - 0.2 * 8 / 16))  # KL << target: e = -0.2, n / horizon = 1/2 -> 0.09
+    assert kl1 < 80 and agent.beta == pytest.approx(0.09 * (1 - 0.2 * 8 / 16))  # again e = -0.2 -> 0.081
     fixed = []
     PPO(batch_size=8, mini_batch_size=4, ppo_epochs=1, kl_coef=0.1).learn(
         env, 16, callback=lambda a, m: fixed.append(m["beta"]), progress_bar=False)
     assert fixed == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("target, factor", [(1.0, 0.5), (1e-9, 2.0)])
+def test_ppo_kl_penalty_objective_adapts_its_beta(env, target, factor):
+    """Algorithm 4: beta_k x2 when the measured KL(pi_k || pi_k+1) >= 1.5 delta, /2 when <= delta / 1.5;
+    the reference-KL beta of the reward stays fixed."""
+    seen = []
+    agent = PPO(objective="kl_penalty", kl_penalty_beta=1.0, kl_penalty_target=target, batch_size=8,
+                mini_batch_size=4, ppo_epochs=2, learning_rate=1e-4, kl_coef=0.1, value_warmup_steps=0)
+    agent.learn(env, 16, callback=lambda a, m: seen.append(m), progress_bar=False)
+    kls = [m["policy_kl"] for m in seen]  # per token, ~0.24 then ~0.05 nats at this learning rate
+    assert all(kl > 0 for kl in kls)
+    assert all(kl <= target / 1.5 for kl in kls) if factor < 1 else all(kl >= 1.5 * target for kl in kls)
+    assert [m["kl_penalty_beta"] for m in seen] == [1.0, factor]
+    assert agent.penalty_beta == factor ** 2
+    assert [m["beta"] for m in seen] == [0.1, 0.1] and agent.beta == 0.1
+
+
+def test_ppo_deprecated_kl_mode(env):
+    with pytest.warns(DeprecationWarning, match="kl_mode='fixed' is deprecated"):
+        fixed = PPO(kl_mode="fixed")
+    assert fixed.config["kl_controller"] == "fixed" and "kl_mode" not in fixed.config
+    with pytest.warns(DeprecationWarning) as record:
+        adaptive = PPO(kl_mode="adaptive", adaptive_kl_target=2.0)
+    messages = " ".join(str(w.message) for w in record)
+    assert "proportional controller" in messages and "objective='kl_penalty'" in messages and "use kl_target" in messages
+    assert adaptive.config["kl_controller"] == "adaptive" and adaptive.config["kl_target"] == 2.0
+    with pytest.raises(AgentError, match="contradicts kl_controller"):  # refused before any warning
+        PPO(kl_mode="fixed", kl_controller="adaptive")
 
 
 def test_ppo_target_kl_stops_the_epochs_early(env):
@@ -230,8 +260,15 @@ def test_ppo_adds_a_value_head_to_a_given_policy(env):
     ("ppo", {"cliprange_value": -1.0}, "cliprange_value must be > 0"),
     ("ppo", {"kl_coef": -0.1}, "kl_coef must be >= 0"),
     ("ppo", {"kl_mode": "sometimes"}, "kl_mode must be one of"),
+    ("ppo", {"objective": "trust_region"}, "unknown objective 'trust_region'; use one of 'clip', 'kl_penalty'"),
+    ("ppo", {"kl_controller": "pid"}, "unknown kl_controller 'pid'; use one of 'fixed', 'adaptive'"),
+    ("ppo", {"kl_target": 0.0}, "kl_target must be > 0"),
+    ("ppo", {"kl_horizon": -1}, "kl_horizon must be > 0"),
+    ("ppo", {"kl_penalty_target": 0}, "kl_penalty_target must be > 0"),
+    ("ppo", {"kl_penalty_beta": float("nan")}, "kl_penalty_beta must be > 0"),
     ("ppo", {"mini_batch_size": 128, "batch_size": 64}, "mini_batch_size"),
-    ("ppo", {"lam": 1.5}, "gamma and lam must be in"),
+    ("ppo", {"lam": 1.5}, r"ppo: lam must be in \[0, 1\], got 1.5"),
+    ("ppo", {"learning_rate": "1e-4", "batch_sized": 8}, "unknown hyperparameter 'batch_sized' \\(did you mean 'batch_size'"),
     ("ppo", {"learning_rate": 0}, "learning_rate must be > 0"),
     ("ppo", {"target_kl": 0}, "target_kl must be > 0"),
     ("ppo", {"temperature": 0}, "temperature must be > 0"),
@@ -242,7 +279,10 @@ def test_ppo_adds_a_value_head_to_a_given_policy(env):
     ("rloo", {"rloo_k": 8, "batch_size": 4}, "batch_size must be an int >= rloo_k"),
     ("rloo", {"kl_coef": -0.5}, "rloo: kl_coef must be >= 0"),
     ("sft", {"learning_rate": -1.0}, "learning_rate must be > 0"),
-    ("sft", {"split": "dev"}, "split must be train, validation or test"),
+    ("sft", {"split": "dev"}, "unknown split 'dev'; use one of 'train', 'validation', 'test'"),
+    ("sft", {"learning_rate": "fast"}, "learning_rate must be a number, got the string 'fast'"),
+    ("sft", {"batch_size": 4.0}, "batch_size must be an integer, got 4.0"),
+    ("sft", {"learnin_rate": 1e-4}, "unknown hyperparameter 'learnin_rate' \\(did you mean 'learning_rate'\\?\\)"),
     ("best-of-n", {"n": 0}, "n must be an int >= 1"),
     ("best-of-n", {"temperature": 0.0}, "temperature must be > 0"),
 ])
@@ -404,3 +444,17 @@ def test_zoo_hyperparameters_build_the_agent(algo):
         hp.pop("env_kwargs", None)
         agent = agents.make(algo, **hp)  # every key is a hyperparameter of the agent, in range
         assert all(agent.config[k] == v for k, v in hp.items()), env_id
+
+
+@pytest.mark.parametrize("algo, kwargs, budget", [
+    ("ppo", SMALL["ppo"], 4), ("reinforce", SMALL["reinforce"], 4), ("sft", SMALL["sft"], 4),
+    ("dpo", dict(batch_size=2, online=True, pairs_per_round=2), 4), ("nash-md", dict(batch_size=2), 4),
+])
+def test_every_agent_saves_one_train_state_format(env, tmp_path, algo, kwargs, budget):
+    from rlhfgym.agents.common import TRAIN_STATE_FILE, TRAIN_STATE_FORMAT
+
+    agents.make(algo, **kwargs).learn(env, budget, checkpoint_dir=tmp_path / "c", progress_bar=False)
+    blob = torch.load(tmp_path / "c" / TRAIN_STATE_FILE, weights_only=False)
+    assert set(blob) == {"format", "optimizer", "rng", "state"} and blob["format"] == TRAIN_STATE_FORMAT
+    assert blob["optimizer"]["state"] and isinstance(blob["rng"]["torch_rng"], torch.Tensor)
+    assert isinstance(blob["state"], dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import gymnasium as gym
@@ -11,6 +12,7 @@ import torch
 from gymnasium.error import ResetNeeded
 from gymnasium.vector import AutoresetMode
 
+from rlhfgym.envs.config import EnvConfig
 from rlhfgym.envs.core import TokenMDPCore
 from rlhfgym.envs.lm import sequence_logprobs
 from rlhfgym.envs.rewards import GoldReward
@@ -342,6 +344,30 @@ def test_core_rejects_bad_configuration(toy_task, tiny_tokenizer, tiny_lm):
         TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), autoreset_mode="sometimes")
     with pytest.raises(ValueError, match="max_new_tokens"):
         TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), max_new_tokens=0)
+    with pytest.raises(ValueError, match="reference must be a causal LM"):
+        TokenMDPCore(toy_task, tiny_tokenizer, "not a model", GoldReward(toy_task))
+    with pytest.raises(ValueError, match=r"TokenMDPCore got unknown keyword.*'kl_coeff' \(did you mean 'kl_coef'\?\)"):
+        TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), kl_coeff=0.1)
+
+
+def test_core_takes_one_config(toy_task, tiny_tokenizer, tiny_lm):
+    """The core, the single env and the vector env are built from one EnvConfig (keywords override it)."""
+    config = EnvConfig(num_envs=3, kl_coef=0.0, max_new_tokens=4, max_prompt_tokens=16, autoreset_mode="SameStep")
+    core = TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), config)
+    assert core.config is config and (core.num_envs, core.window, core.ref_lm) == (3, 20, None)
+    assert core.autoreset_mode == AutoresetMode.SAME_STEP
+    assert TokenMDPCore(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task)).autoreset_mode == AutoresetMode.NEXT_STEP
+    venv = TokenMDPVectorEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), config, kl_coef=0.5)
+    assert venv.config == dataclasses.replace(config, kl_coef=0.5) and venv.num_envs == 3
+    assert venv.observation_space["input_ids"].shape == (3, 20)
+    env = TokenMDPEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), EnvConfig(max_new_tokens=4, max_prompt_tokens=16))
+    assert env.core.autoreset_mode == AutoresetMode.DISABLED and env.config.autoreset_mode is None
+    with pytest.raises(ValueError, match="one episode at a time, got num_envs=3"):
+        TokenMDPEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), config)
+    with pytest.raises(ValueError, match="the single env never autoresets"):
+        TokenMDPEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), autoreset_mode="NextStep")
+    with pytest.raises(ValueError, match="not DISABLED"):
+        TokenMDPVectorEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), autoreset_mode="Disabled")
 
 
 @pytest.mark.parametrize("mode", ["NextStep", "SameStep"])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from feedback_fixtures import ANTI, MARKER, make_lm, make_tokenizer, marker_preferences
+from rlhfgym.envs.build.training import train_preference_model, train_reward_model
 from rlhfgym.envs.feedback.judge import (
     ConstitutionError,
     ConstitutionJudge,
@@ -23,7 +24,7 @@ from rlhfgym.envs.feedback.judge import (
     load_constitution,
 )
 from rlhfgym.envs.feedback.labelers import Labeler, LabelerPopulation
-from rlhfgym.envs.feedback.preference_model import PreferenceModel, evaluate_preference_model, train_preference_model
+from rlhfgym.envs.feedback.preference_model import PreferenceModel, evaluate_preference_model
 from rlhfgym.envs.feedback.preferences import (
     PreferenceDataError,
     export_jsonl,
@@ -36,7 +37,6 @@ from rlhfgym.envs.feedback.reward_model import (
     evaluate_reward_model,
     load_scalar_model,
     prepend_facts,
-    train_reward_model,
 )
 
 
@@ -302,6 +302,7 @@ def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokeni
     (prompt, completion) once per step (k sequences, not k(k-1)) and still learns the rule."""
     import itertools
 
+    from rlhfgym.envs.build import training
     from rlhfgym.envs.feedback import reward_model as rm_module
 
     base = marker_preferences(48, seed=4).to_list()
@@ -313,24 +314,50 @@ def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokeni
             rows.append((x, a, b, 0.5 if ma == mb else float(ma > mb)))
     train = make_preferences(*map(list, zip(*rows)))
     assert len(train) == 24 * 6
-    pairs, chosen, rejected, groups = rm_module._distinct_pairs(train)
+    pairs, chosen, rejected, groups = rm_module.distinct_pairs(train)
     assert len(pairs) == 24 * 4 and [len(g) for g in groups] == [6] * 24
     assert all(pairs[c] == (x, y) for c, x, y in zip(chosen, train["prompt"], train["chosen"]))
 
     rows_forwarded = []
-    real_forward = rm_module.scalar_forward
+    real_forward = training.scalar_forward
 
     def counting_forward(model, seqs, pad, device):
         rows_forwarded.append(len(seqs))
         return real_forward(model, seqs, pad, device)
 
-    monkeypatch.setattr(rm_module, "scalar_forward", counting_forward)
+    monkeypatch.setattr(training, "scalar_forward", counting_forward)
     rm = train_reward_model(fb_lm_dir, fb_tokenizer, train, epochs=3, lr=3e-3, batch_size=36, progress=False,
                             normalise_on=(train["prompt"][:8], train["rejected"][:8]))
-    monkeypatch.setattr(rm_module, "scalar_forward", real_forward)
+    monkeypatch.setattr(training, "scalar_forward", real_forward)
     assert rows_forwarded[0] == 24  # the first step: 36 pairs = 6 whole prompts = 24 distinct sequences
     assert sum(rows_forwarded[:12]) == 3 * 24 * 4  # three epochs, each sequence once per epoch
     assert evaluate_reward_model(rm, marker_preferences(128, seed=3))["accuracy"] >= 0.9
+
+
+def test_old_homes_of_the_trainers_warn_and_give_the_build_functions():
+    """train_reward_model / train_preference_model moved to rlhfgym.envs.build.training; the old
+    names still work for one release, with a DeprecationWarning, and the runtime modules import the
+    build only when such a name is asked for."""
+    import subprocess
+    import sys
+
+    from rlhfgym.envs.build import training
+    from rlhfgym.envs.feedback import preference_model as pm_module
+    from rlhfgym.envs.feedback import reward_model as rm_module
+
+    with pytest.warns(DeprecationWarning, match=r"reward_model\.train_reward_model moved to rlhfgym\.envs\.build\.training"):
+        assert rm_module.train_reward_model is training.train_reward_model
+    with pytest.warns(DeprecationWarning, match="train_preference_model moved to rlhfgym.envs.build.training"):
+        from rlhfgym.envs.feedback.preference_model import train_preference_model as old
+    assert old is training.train_preference_model
+    with pytest.raises(AttributeError, match="no attribute 'train_nothing'"):
+        rm_module.train_nothing  # noqa: B018
+    assert "train_reward_model" not in rm_module.__all__ and "train_preference_model" not in pm_module.__all__
+    code = ("import sys, rlhfgym.envs, rlhfgym.envs.evaluation, rlhfgym.envs.feedback.factories, rlhfgym.envs.feedback.judge, "
+            "rlhfgym.envs.feedback.preference_model, rlhfgym.envs.feedback.reward_model, rlhfgym.envs.feedback.ratings; "
+            "print(sorted(m for m in sys.modules if m.startswith('rlhfgym.envs.build')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # runtime code never imports the asset build
 
 
 def test_format_input_hook_and_fact_prepending(fb_lm_dir, fb_tokenizer):

@@ -12,6 +12,7 @@ from gymnasium.utils.env_checker import check_env
 import rlhfgym.envs  # noqa: F401  (registers the ids)
 from rlhfgym.envs import assets
 from rlhfgym.envs.assets import AssetError
+from rlhfgym.envs.config import EnvConfig
 from rlhfgym.envs.registration import ENV_IDS
 
 
@@ -20,6 +21,19 @@ def test_registered_env_passes_check_env(env_id):
     env = gym.make(env_id, kl_coef=0.05)
     check_env(env.unwrapped, skip_render_check=True)
     assert gym.make(f"rlhfgym.envs:{env_id}").spec.id == env_id
+
+
+def test_registered_ids_use_the_default_config():
+    """Every number of a registered id is EnvConfig's default; gym.make keywords override them."""
+    env = gym.make("RLHF-Summarize-Gold-v0")
+    assert env.unwrapped.config == EnvConfig()
+    assert env.observation_space["input_ids"].shape == (128,) and env.unwrapped.kl_coef == 0.05
+    assert env.unwrapped.max_new_tokens == 32 and env.unwrapped.max_prompt_tokens == 96
+    env = gym.make("RLHF-Summarize-v0", kl_coef=0.1, max_new_tokens=16, device="cpu", split="test", seed=1)
+    assert env.unwrapped.config == EnvConfig(kl_coef=0.1, max_new_tokens=16, split="test", seed=1)
+    assert env.observation_space["input_ids"].shape == (112,)
+    venv = gym.make_vec("RLHF-Summarize-Gold-v0", num_envs=2)
+    assert venv.config == EnvConfig(num_envs=2) and venv.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
 
 
 def test_sft_policy_episode_reports_rm_gold_and_completion():

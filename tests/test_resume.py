@@ -1,6 +1,7 @@
 """A killed training loop resumes from its snapshot and ends where an uninterrupted run ends.
 
-The loops of the reward model, the preference model and the judge save a
+The reward model, the preference model and the judge share one loop
+(:func:`rlhfgym.envs.build.training.train_loop`), which saves a
 :class:`~rlhfgym.envs.build.checkpoint.LoopCheckpoint`; here each is killed after its third optimizer step
 (the snapshot is forced to be written at every step), run again with the same arguments, and
 compared with a run that was never killed.
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from feedback_fixtures import make_lm, marker_preferences
-from rlhfgym.envs.build import checkpoint as resume
+from rlhfgym.envs.build import checkpoint
 from rlhfgym.envs.build.checkpoint import CheckpointMismatch, LoopCheckpoint
 
 
@@ -23,7 +24,7 @@ class Killed(Exception):
 @pytest.fixture
 def kill_after(monkeypatch):
     """Snapshot at every step; the first run raises Killed right after saving step ``k``."""
-    monkeypatch.setattr(resume, "EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(checkpoint, "EVERY_SECONDS", 0.0)
     original = LoopCheckpoint.maybe_save
     state = {"k": None}
 
@@ -49,7 +50,7 @@ def _same_weights(a, b):
 
 
 def test_reward_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.feedback.reward_model import train_reward_model
+    from rlhfgym.envs.build.training import train_reward_model
 
     train, heldout = marker_preferences(48, seed=1), marker_preferences(16, seed=2)
     kw = dict(epochs=2, lr=3e-3, batch_size=8, seed=0, progress=False)  # 6 steps per epoch, 12 in all
@@ -59,7 +60,7 @@ def test_reward_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path
     kill_after(8)  # in the second epoch: the first epoch's record must survive the kill
     with pytest.raises(Killed):
         train_reward_model(make_lm(fb_tokenizer), fb_tokenizer, train, heldout, checkpoint_dir=ckpt, **kw)
-    assert (ckpt / resume.SNAPSHOT).is_file()
+    assert (ckpt / checkpoint.SNAPSHOT).is_file()
     resumed = train_reward_model(make_lm(fb_tokenizer, seed=5), fb_tokenizer, train, heldout, checkpoint_dir=ckpt, **kw)
 
     assert _same_weights(resumed.model, straight.model)
@@ -70,7 +71,7 @@ def test_reward_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path
 
 
 def test_preference_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.feedback.preference_model import train_preference_model
+    from rlhfgym.envs.build.training import train_preference_model
 
     train = marker_preferences(32, seed=3)
     kw = dict(epochs=1, lr=3e-3, batch_size=8, seed=0, progress=False)
@@ -85,7 +86,7 @@ def test_preference_model_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_
 
 
 def test_judge_loop_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.build.feedback import train_judge_lm
+    from rlhfgym.envs.build.training import train_judge_lm
     from rlhfgym.envs.feedback.judge import answer_token_ids
 
     texts = [f"summarize : w{i} w{i + 1} tl;dr : ( A ) good ( B ) bad The answer is : (" for i in range(16)]
@@ -108,7 +109,7 @@ def test_judge_loop_resumes_to_the_uninterrupted_result(fb_tokenizer, tmp_path, 
 
 
 def test_a_snapshot_of_another_training_is_refused(fb_tokenizer, tmp_path, kill_after):
-    from rlhfgym.envs.feedback.reward_model import train_reward_model
+    from rlhfgym.envs.build.training import train_reward_model
 
     train = marker_preferences(16, seed=1)
     ckpt = tmp_path / "loop"
@@ -119,15 +120,15 @@ def test_a_snapshot_of_another_training_is_refused(fb_tokenizer, tmp_path, kill_
     with pytest.raises(CheckpointMismatch, match=r"lr: 0\.003 then, 0\.001 now.*delete"):
         train_reward_model(make_lm(fb_tokenizer), fb_tokenizer, train, epochs=1, lr=1e-3, batch_size=8,
                            progress=False, checkpoint_dir=ckpt)
-    (ckpt / resume.SNAPSHOT).write_bytes(b"not a snapshot")
+    (ckpt / checkpoint.SNAPSHOT).write_bytes(b"not a snapshot")
     with pytest.raises(CheckpointMismatch, match="cannot read"):
         LoopCheckpoint(ckpt).restore(None, None, None)
 
 
 def test_default_work_dir_follows_the_cache_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_GYM_CACHE", str(tmp_path))
-    a = resume.default_work_dir(tmp_path / "out-a", "micro-v0")
-    b = resume.default_work_dir(tmp_path / "out-b", "micro-v0")
+    a = checkpoint.default_work_dir(tmp_path / "out-a", "micro-v0")
+    b = checkpoint.default_work_dir(tmp_path / "out-b", "micro-v0")
     assert a.parent == tmp_path / "build-assets" and a.name.startswith("micro-v0-") and a != b
 
 

@@ -5,10 +5,10 @@ Hyperparameters come from ``zoo/hyperparams/<algo>.yml`` (the env id's entry ove
 ``agent/`` (checkpoints; a killed run resumes from the last one), ``tb/`` (TensorBoard),
 ``results.json`` and ``results.md``.
 
-Evaluation (:func:`evaluate_policy`) samples one completion per test prompt at temperature 1 and
-reports the mean gold score, the mean reward-model score and the mean sequence KL to the
-reference, ``KL = E_y~pi[ log pi(y|x) − log pi_ref(y|x) ]`` (a Monte-Carlo estimate, summed over
-tokens). Any agent with a ``policy`` (a :class:`~rlhfgym.agents.policy.CausalLMPolicy`) and a
+Evaluation (:func:`evaluate_policy`, by the protocol of :mod:`rlhfgym.envs.evaluation`) samples one
+completion per test prompt at temperature 1 and reports the mean gold score, the mean reward-model
+score and the mean sequence KL to the reference, ``KL = E_y~pi[ log pi(y|x) − log pi_ref(y|x) ]``
+(a Monte-Carlo estimate, summed over tokens). Any agent with a ``policy`` (a :class:`~rlhfgym.agents.policy.CausalLMPolicy`) and a
 ``generate`` method is evaluated the same way; custom agents included.
 """
 
@@ -46,29 +46,35 @@ def load_hyperparams(algo: str, env_id: str) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate_policy(env, policy, n: int = 200, split: str = "test", batch_size: int = 100, seed: int = 0,
                     generate=None, kl: float | None = None) -> dict:
-    """Mean gold, RM score and sequence KL(π‖π_ref) of ``policy``'s samples on ``n`` prompts of ``split``.
+    """Mean gold, RM score and sequence KL(π‖π_ref) of ``policy``'s samples on the first ``n`` prompts of ``split``.
 
+    The protocol is :func:`rlhfgym.envs.evaluation.evaluate_samples` (seeding, batches, scoring):
+    ``policy.model`` is sampled at temperature 1 with the policy's window, so the SFT row equals the
+    ``sft_sampled_t1`` of the asset build's report for the same ``n``, seed and batch size. The KL
+    is ``log π(y|x) − log π_ref(y|x)`` of each sample, summed over its tokens, averaged.
     Agents whose outputs are not plain samples of their policy (best-of-n) pass their ``generate``
     and the KL they know analytically instead.
     """
+    from rlhfgym.envs.evaluation import evaluate_samples, lm_sampler
+
     core = env.unwrapped
-    torch.manual_seed(seed)
     prompts = core.prompts(split, n)
-    gold, rm, kls = [], [], []
-    ref = core.reference_model
-    for s in range(0, n, batch_size):
-        ps = prompts[s:s + batch_size]
-        if generate is not None:
-            texts = generate(ps, temperature=1.0)
-        else:
-            roll = policy.sample(ps, temperature=1.0)
+    if generate is not None:
+        ev = evaluate_samples(lambda ps, t: generate(ps, temperature=t), prompts, core.gold, reward=core.score,
+                              batch_size=batch_size, seed=seed)
+    else:
+        ref = core.reference_model
+
+        def sequence_kl(ps, roll):
             ref_lp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
-            kls.extend((roll.logprobs - ref_lp).sum(-1).tolist())
-            texts = roll.texts
-        rm.extend(core.score(ps, texts).tolist())
-        gold.extend(core.gold(ps, texts))
-    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
-    return {"gold": mean(gold), "rm": mean(rm), "kl": mean(kls) if kls else kl, "n": n, "split": split}
+            return (roll.logprobs - ref_lp).sum(-1).tolist()
+
+        sample = lm_sampler(policy.model, policy.tokenizer, max_new_tokens=policy.max_new_tokens,
+                            max_prompt_tokens=policy.max_prompt_tokens)
+        ev = evaluate_samples(sample, prompts, core.gold, reward=core.score, batch_size=batch_size, seed=seed,
+                              measures={"kl": sequence_kl})
+        kl = ev["kl"]
+    return {"gold": ev["gold"], "rm": ev["reward"], "kl": kl, "n": n, "split": split}
 
 
 def train(algo: str, env_id: str, budget: int | None = None, seed: int = 0, device: str = "cpu",

@@ -1,10 +1,11 @@
 """Snapshots of a training loop, so that a killed asset build resumes where it stopped.
 
-The feedback models of the micro world take up to hours to train on a CPU. Their loops save a
-:class:`LoopCheckpoint` every few minutes (model, optimizer, scheduler, the number of optimizer
-steps done and the loop's running sums), atomically. Run the same build again and the loop loads
-the snapshot, replays its shuffling generator up to that step and goes on; the result is the model
-an uninterrupted run would have produced (same batches, same order, same optimizer state)::
+The feedback models of the micro world take up to hours to train on a CPU. Their training loop
+(:func:`~.training.train_loop`) saves a :class:`LoopCheckpoint` every few minutes (model, optimizer,
+scheduler, the number of optimizer steps done and the loop's running sums), atomically. Run the same
+build again and the loop loads the snapshot, replays its shuffling generator up to that step and
+goes on; the result is the model an uninterrupted run would have produced (same batches, same
+order, same optimizer state). The protocol, as that loop follows it::
 
     ckpt = LoopCheckpoint(directory, fingerprint={"lr": lr, "n": n, ...})   # directory=None: off
     done, state = ckpt.restore(model, optimizer, scheduler)               # (0, {}) when fresh

@@ -1,6 +1,6 @@
 """Build the micro world's feedback assets: preference data, reward models, preference model, judge.
 
-The steps run after :func:`~.build.build_assets` (which wrote ``tokenizer/`` and ``sft/``) and
+The steps run after :func:`~.sft.build_assets` (which wrote ``tokenizer/`` and ``sft/``) and
 write next to them in the same asset root (default: the package's ``envs/assets/micro-v0``)::
 
     reward/        Bradley-Terry reward model (RLHF-Summarize-v0)                 build_reward_model
@@ -14,11 +14,12 @@ write next to them in the same asset root (default: the package's ``envs/assets/
    spread of quality); every two distinct samples of a prompt form a pair (``pairing="all"``: 6
    pairs from 4 samples, and the reward model's trainer scores each sample once per step), and
    ``annotators_per_pair`` (default 3) labelers of the ``"alpacafarm"``
-   :class:`~.labelers.LabelerPopulation` (four labeler types, 25% label flips) answer each
+   :class:`~rlhfgym.envs.feedback.labelers.LabelerPopulation` (four labeler types, 25% label flips) answer each
    comparison from the task's gold components. Held-out pairs come the same way from validation
    prompts, with one click each; their Bayes ceiling (exact and on a fresh label draw) bounds any
    model's accuracy. The records stay in memory (:class:`PreferenceData`); ``data_dir=`` also writes them
-   as JSONL in our preference schema (readable by :func:`~.preferences.load_preferences`), never
+   as JSONL in our preference schema (readable by
+   :func:`~rlhfgym.envs.feedback.preferences.load_preferences`), never
    into the asset root (40k records would break the size budget).
 2. Reward models start from the SFT backbone (its first ``n_layers`` layers, see below), train on
    the soft labels (the annotators' mean probability, Constitutional-AI style) with the
@@ -26,7 +27,7 @@ write next to them in the same asset root (default: the package's ``envs/assets/
    accuracy is measured against the sampled (hard) clicks and compared with the Bayes ceiling.
 3. The preference model reads both completions (antisymmetric by construction).
 4. The judge is a causal LM trained to answer the constitution judge's multiple-choice question
-   (:data:`~.judge.DEFAULT_TEMPLATE`, answers "A"/"B") for every principle of
+   (:data:`~rlhfgym.envs.feedback.judge.DEFAULT_TEMPLATE`, answers "A"/"B") for every principle of
    ``envs/constitutions/micro.yaml``. Its targets come from *principle checkers*: principle
    ``coverage`` compares the gold component ``coverage``, ``faithfulness`` -> ``faithfulness``,
    ``relevance`` -> ``distractor``, ``brevity`` -> ``brevity`` (1 if A's component is higher, 0 if
@@ -66,25 +67,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..assets import FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir, atomic_write_text
-from ..hf import quiet_transformers
 from ..feedback.judge import JUDGE_CONFIG, load_judge
 from ..feedback.labelers import COMPONENTS, LabelerPopulation
-from ..tasks.news import (
-    ACTIONS,
-    NAMES,
-    NUMBERS,
-    OBJECTS,
-    PLACES,
-    RECENT_TIMES,
-    ROLES,
-    CYCLE_SETS,
-    WRITERS,
-    Article,
-    Fact,
-    NewsTask,
-    cycle_completions,
-    gold_score,
-)
+from ..tasks.news import CYCLE_SETS, WRITERS, NewsTask, cycle_completions, gold_score
+from .training import train_judge_lm
 
 __all__ = [
     "PRINCIPLE_COMPONENT",
@@ -154,11 +140,11 @@ def _log(progress: bool, msg: str) -> None:
 
 
 class PreferenceRecords:
-    """Preference records in our schema (:mod:`.preferences`), held as plain lists.
+    """Preference records in our schema (:mod:`rlhfgym.envs.feedback.preferences`), held as plain lists.
 
     Indexing by a column name returns that column (``records["prompt"]``) and ``len()`` is the
-    number of records, which is all that :func:`~.reward_model.train_reward_model`,
-    :func:`~.preference_model.train_preference_model` and their evaluators read, so the build never
+    number of records, which is all that :func:`~.training.train_reward_model`,
+    :func:`~.training.train_preference_model` and their evaluators read, so the build never
     needs ``datasets``. :meth:`to_dataset` converts (importing ``datasets`` only then).
     """
 
@@ -189,12 +175,12 @@ class PreferenceRecords:
         return [dict(zip(self.COLUMNS, row)) for row in zip(*self._cols.values())]
 
     def to_jsonl(self, path) -> Path:
-        """One JSON record per line in our schema (atomic); :func:`~.preferences.load_preferences` reads it."""
+        """One JSON record per line in our schema (atomic); :func:`~rlhfgym.envs.feedback.preferences.load_preferences` reads it."""
         lines = [json.dumps(r, ensure_ascii=False) for r in self.to_list()]
         return atomic_write_text(path, "\n".join(lines) + "\n")
 
     def to_dataset(self):
-        """A ``datasets.Dataset`` with :data:`~.preferences.FEATURES` (imports ``datasets``)."""
+        """A ``datasets.Dataset`` with :data:`~rlhfgym.envs.feedback.preferences.FEATURES` (imports ``datasets``)."""
         from ..feedback.preferences import make_preferences
 
         c = self._cols
@@ -208,7 +194,7 @@ class PreferenceRecords:
 class PairSet:
     """Compared pairs (prompt, a, b) with their gold components and one sampled label each.
 
-    ``comp_a``/``comp_b``: (N, 4) gold components in :data:`~.labelers.COMPONENTS` order.
+    ``comp_a``/``comp_b``: (N, 4) gold components in :data:`~rlhfgym.envs.feedback.labelers.COMPONENTS` order.
     ``p_pop``: P(a > b) for a labeler drawn from the population (label noise included).
     ``prob``: P(a > b) for the labeler that answered; ``label``: 1 if that labeler picked a.
     """
@@ -598,12 +584,14 @@ def build_reward_model(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train the Bradley-Terry reward model into ``root/"reward"`` (``facts=True``: ``root/"reward_fact"``,
-    the input starts with the article's key facts, :func:`~.reward_model.prepend_facts`). Returns metrics.
-    ``checkpoint_dir``: resumable snapshots of the training loop (:class:`~.resume.LoopCheckpoint`)."""
+    the input starts with the article's key facts, :func:`~rlhfgym.envs.feedback.reward_model.prepend_facts`).
+    Returns metrics. ``checkpoint_dir``: resumable snapshots of the training loop
+    (:class:`~.checkpoint.LoopCheckpoint`)."""
     from transformers import PreTrainedTokenizerFast
 
     from ..feedback.ratings import pearson, spearman
-    from ..feedback.reward_model import evaluate_reward_model, prepend_facts, train_reward_model
+    from ..feedback.reward_model import evaluate_reward_model, prepend_facts
+    from .training import train_reward_model
 
     t0 = time.time()
     root = _root(root)
@@ -667,9 +655,9 @@ def _majority_agreement(a_wins: np.ndarray, pairs: PairSet) -> float:
 
 
 def _rm_prefers_a(rm, pairs: PairSet) -> np.ndarray:
-    from ..feedback.reward_model import _pair_scores
+    from ..feedback.reward_model import pair_scores
 
-    ra, rb = _pair_scores(rm, {"prompt": pairs.prompts, "chosen": pairs.a, "rejected": pairs.b})
+    ra, rb = pair_scores(rm, {"prompt": pairs.prompts, "chosen": pairs.a, "rejected": pairs.b})
     return (ra > rb).numpy()
 
 
@@ -704,7 +692,8 @@ def build_preference_model(
     of a prompt: each pair costs two full passes."""
     from transformers import PreTrainedTokenizerFast
 
-    from ..feedback.preference_model import evaluate_preference_model, train_preference_model
+    from ..feedback.preference_model import evaluate_preference_model
+    from .training import train_preference_model
 
     t0 = time.time()
     root = _root(root)
@@ -934,81 +923,9 @@ def judge_examples(build_prompt, constitution, prompts, a, b, verdicts):
     return texts, np.array(targets, dtype=np.float32)
 
 
-def train_judge_lm(model, tokenizer, texts, targets, answer_ids, *, epochs, lr, batch_size, device, seed,
-                   group_size: int = 1, progress=False, checkpoint_dir=None):
-    """Fine-tune a causal LM to answer judge questions: soft cross-entropy between the target
-    P(answer A) and sigmoid(logit A - logit B) at the last token (right padding, as the judge reads
-    it). AdamW, 5% warm-up, linear decay; returns one dict of metrics per epoch.
-
-    ``group_size``: consecutive examples that are shuffled as one block and so share a batch (the
-    same pair under every principle and order, :func:`judge_examples`): within a batch the only
-    thing that tells the questions of a group apart is the principle text and the option order,
-    so the gradient teaches the model to read exactly those. ``checkpoint_dir``: resumable
-    snapshots of the loop (:class:`~.resume.LoopCheckpoint`), deleted at the end."""
-    from ..feedback.judge import answer_logit_diff
-    from .checkpoint import LoopCheckpoint
-    from ..feedback.reward_model import soft_bt_loss
-
-    seqs = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    y = torch.tensor(targets, dtype=torch.float32, device=device)
-    pad = tokenizer.pad_token_id
-    n = len(seqs)
-    group_size = max(1, int(group_size))
-    if n % group_size:
-        raise ValueError(f"{n} examples do not split into groups of {group_size}.")
-    groups_per_batch = max(1, batch_size // group_size)
-    n_groups = n // group_size
-    steps = epochs * math.ceil(n_groups / groups_per_batch)
-    warmup = max(1, steps // 20)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1.0 - s / max(steps, 1)))
-    gen = torch.Generator().manual_seed(seed)
-    ckpt = LoopCheckpoint(checkpoint_dir, {"kind": "judge", "n": n, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                                           "seed": seed, "group_size": group_size})
-    done, state = ckpt.restore(model, opt, sched)
-    history = list(state.get("history", []))
-    bar = tqdm(total=steps, initial=done, desc="judge", disable=not progress, leave=False)
-    steps_per_epoch = steps // epochs
-    step = 0
-    model.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(n_groups, generator=gen).tolist()
-        sums = ckpt.epoch_start(epoch, steps_per_epoch, len(history), fresh=(0.0, 0.0, 0.0))
-        if sums is None:
-            step += steps_per_epoch  # the snapshot holds this whole epoch
-            continue
-        loss_sum, acc_sum, decided = sums
-        for s in range(0, n_groups, groups_per_batch):
-            step += 1
-            if step <= done:
-                continue  # resuming: this batch is in the snapshot
-            idx = [g * group_size + r for g in perm[s : s + groups_per_batch] for r in range(group_size)]
-            d = answer_logit_diff(model, [seqs[i] for i in idx], answer_ids, pad, device, group_size)
-            p = y[idx]
-            loss = soft_bt_loss(d, p)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            dec = p != 0.5
-            acc_sum += ((d > 0) == (p > 0.5))[dec].float().sum().item()
-            decided += dec.sum().item()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-            ckpt.maybe_save(step, model, opt, sched, {"history": history, "sums": (loss_sum, acc_sum, decided)})
-        history.append({"epoch": epoch, "train_loss": loss_sum / n, "train_checker_accuracy": acc_sum / max(decided, 1)})
-    bar.close()
-    ckpt.clear()
-    model.eval()
-    return history
-
-
 def _judge_metrics(judge, pairs: PairSet, names: Sequence[str]) -> dict[str, Any]:
     """Agreement of a judge with the principle checkers, with the sampled labels of the held-out
-    pairs (as :func:`~.judge.judge_agreement`, without ``datasets``) and with the gold score."""
+    pairs (as :func:`~rlhfgym.envs.feedback.judge.judge_agreement`, without ``datasets``) and with the gold score."""
     per = judge.per_principle(pairs.prompts, pairs.a, pairs.b).double().numpy()  # (K, N) P_k(a > b)
     checks = checker_verdicts(pairs.comp_a, pairs.comp_b, names)
     label = pairs.label.astype(bool)  # the sampled click: 1 = a

@@ -6,8 +6,8 @@ trained on articles, then fine-tuned on article -> reference summary with the lo
 tokens down-weighted (x0.1): the summary tokens carry the signal, the article tokens keep it a
 language model of the world.
 
-The feedback models (reward, reward_fact, preference, judge) are built by
-:mod:`.build_feedback`; ``build_assets(only="reward,...")`` runs them and keeps the manifest whole.
+The feedback models (reward, reward_fact, preference, judge) are built by :mod:`.feedback`;
+``build_assets(only="reward,...")`` runs them and keeps the manifest whole.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..lm import generate_text as generate
 from ..tasks.news import NewsTask, lead_summary, world_words
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -176,30 +175,64 @@ def train_sft(task: NewsTask, tokenizer, cfg: SFTConfig, device: str = "cpu", pr
 # Evaluation of a summarization policy against the gold scorer
 
 
-def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int = 8, seed: int = 0) -> dict:
-    """The numbers the foundation issue asks for, on ``n`` test articles."""
-    torch.manual_seed(seed)
+def evaluate_policy(model, tokenizer, task: NewsTask, n: int = 200, best_of: int = 8, seed: int = 0, *,
+                    batch_size: int = 100, max_new_tokens: int = 32, max_prompt_tokens: int | None = None) -> dict:
+    """The SFT policy's report on the first ``n`` test articles, for the asset manifest.
+
+    Every row that samples the policy is :func:`rlhfgym.envs.evaluation.evaluate_samples` with the
+    same prompts, seed and batch size: ``sft_sampled_t1`` (one sample per article at temperature 1;
+    the number ``rlhf-zoo train`` reports as the SFT baseline, with the registered envs' window:
+    ``max_prompt_tokens`` defaults to theirs), ``sft_greedy`` (temperature 0) and
+    ``sft_best_of_<best_of>_gold`` (the best gold score of ``best_of`` samples per article). The
+    model-free rows: ``lead_2`` (the article's first two sentences) and the world's writers
+    (``writer_expert``, ``writer_average``).
+    """
+    from ..evaluation import evaluate_samples, lm_sampler
+
+    if max_prompt_tokens is None:
+        from ..registration import DEFAULT_MAX_PROMPT_TOKENS as max_prompt_tokens
+    sample = lm_sampler(model, tokenizer, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
     arts = [task.example("test", i) for i in range(n)]
     prompts = [a.prompt for a in arts]
+
+    def run(temperature: float, k: int = 1) -> dict:
+        return evaluate_samples(sample, prompts, task.gold, temperature=temperature, samples_per_prompt=k,
+                                batch_size=batch_size, seed=seed)
+
+    sampled, greedy, best = run(1.0), run(0.0), run(1.0, best_of)
+    per_prompt = [best["gold_scores"][i * best_of : (i + 1) * best_of] for i in range(n)]
     mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
-    greedy = generate(model, tokenizer, prompts, temperature=0)
-    sampled = generate(model, tokenizer, prompts, temperature=1.0, num_return_sequences=best_of)
-    g_sampled = task.gold([p for p in prompts for _ in range(best_of)], sampled)
-    per_prompt = [g_sampled[i * best_of : (i + 1) * best_of] for i in range(n)]
     return {
         "n_test_articles": n,
-        "sft_greedy": mean(task.gold(prompts, greedy)),
-        "sft_sampled_t1": mean(g_sampled),
+        "sft_greedy": greedy["gold"],
+        "sft_sampled_t1": sampled["gold"],
         f"sft_best_of_{best_of}_gold": mean([max(g) for g in per_prompt]),
         "lead_2": mean([task.gold_one(a.prompt, lead_summary(a, 2)) for a in arts]),
         "writer_expert": mean([task.gold_one(a.prompt, task.reference("test", i, "expert")) for i, a in enumerate(arts)]),
         "writer_average": mean([task.gold_one(a.prompt, task.reference("test", i)) for i, a in enumerate(arts)]),
-        "examples": [{"prompt": prompts[i], "greedy": greedy[i], "sampled": sampled[i * best_of]} for i in range(3)],
+        "examples": [{"prompt": prompts[i], "greedy": greedy["texts"][i], "sampled": sampled["texts"][i]}
+                     for i in range(min(3, n))],
     }
 
 
-#: ``build_assets(feedback=...)`` keys (the feedback build's scale, see build_feedback.build_all_feedback)
+#: ``build_assets(feedback=...)`` keys (the feedback build's scale, see :func:`.feedback.build_all_feedback`)
 #: and the ``rlhf-zoo build-assets`` flag of each
+def evaluate_shipped_policy(version: str = "micro-v0", n: int = 200, seed: int = 0) -> dict:
+    """:func:`evaluate_policy` of the shipped SFT policy of ``version`` (the README's table of summarizers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..assets import load_micro_assets
+    from ..hf import quiet_transformers
+
+    assets = load_micro_assets(version)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(assets.sft_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(assets.tokenizer_dir)
+    report = evaluate_policy(model, tokenizer, NewsTask(), n=n, seed=seed)
+    report.pop("examples")
+    return report
+
+
 FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "heldout-prompts", "gen_batch_size": "gen-batch-size",
                         "rm_epochs": "rm-epochs", "pm_max_pairs": "pm-pairs"}
 
@@ -209,14 +242,14 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
                  eval_articles: int = 200, feedback: dict | None = None, work_dir=None) -> Path:
     """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir).
 
-    ``only``: comma-separated :data:`~.assets.COMPONENTS` (``"feedback"`` = the four feedback
+    ``only``: comma-separated :data:`~rlhfgym.envs.assets.COMPONENTS` (``"feedback"`` = the four feedback
     models); default ``"tokenizer,sft"``. Feedback parts need the tokenizer and SFT policy in place
     and sample their preference data from it; ``feedback`` sets that data's scale (keys
     :data:`FEEDBACK_SCALE_FLAGS`, e.g. ``{"n_train_prompts": 8000}``). The manifest is rewritten
     last; it keeps the build record (command, machine, date) of the parts not rebuilt.
 
     Feedback parts are resumable: their sampled data, finished parts and snapshots of the model in
-    training are kept in ``work_dir`` (default :func:`~.resume.default_work_dir`), so the same
+    training are kept in ``work_dir`` (default :func:`~.checkpoint.default_work_dir`), so the same
     command run again after a kill goes on where it stopped. The work dir is deleted on success.
     """
     from ..assets import COMPONENTS, FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir
@@ -279,13 +312,13 @@ def record_build(target, parts, command: str, seed: int, seconds: float, extra: 
     listed with its checksum, ``parts`` get this build's record (command, seed, machine, date,
     seconds) and the other parts keep theirs, with their metrics (``sft_config``, ``metrics``,
     ``feedback_metrics``) unless ``extra`` replaces them. Returns the manifest."""
-    from ..assets import _device_string, write_manifest
+    from ..assets import device_string, write_manifest
 
     target = Path(target)
     old = _previous_manifest(target)
     merged = {k: old[k] for k in ("sft_config", "metrics", "feedback_metrics") if k in old}
     merged.update(extra or {})
-    record = {"command": command, "seed": seed, "built_on": _device_string(),
+    record = {"command": command, "seed": seed, "built_on": device_string(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 1)}
     merged["parts"] = {**_part_records(old), **{q: record for q in sorted(parts)}}
     merged["build_seconds"] = record["seconds"]

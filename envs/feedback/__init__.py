@@ -10,6 +10,8 @@
 * :mod:`.ratings`: Bradley-Terry ratings of many systems from pairwise outcomes.
 * :mod:`.factories`: the feedback models of the micro world as env rewards (``reward_model="learned"`` ...).
 
-Training these models (and building the shipped ones) is :mod:`rlhfgym.envs.build`'s job; nothing
-here imports it.
+Training these models (:mod:`rlhfgym.envs.build.training`) and building the shipped ones is
+:mod:`rlhfgym.envs.build`'s job; nothing here imports it (``reward_model.train_reward_model`` and
+``preference_model.train_preference_model``, the old names, look it up when asked for, with a
+DeprecationWarning, until rlhf-gym 0.3).
 """

@@ -1,4 +1,5 @@
-"""Reward and preference factories for the feedback envs, over the assets of :mod:`.build_feedback`.
+"""Reward and preference factories for the feedback envs, over the assets that
+:mod:`rlhfgym.envs.build.feedback` builds.
 
 Reward factories have the env's signature ``factory(task, tokenizer, device) -> reward`` where
 ``reward.score(prompts, completions) -> Tensor (B,)``; every reward object here also has
@@ -19,13 +20,13 @@ completion (32 new tokens at most, computed once per prompt and cached), so the 
 likely is this completion to beat what pi_ref would answer" (AlpacaFarm's win rate against the
 reference model, minus 1/2; it is 0 for pi_ref's own greedy answer). ``reference="expert"`` etc.
 use one of the world's writers instead (model-free), and ``"A"``/``"B"``/``"C"`` the
-:func:`~.build_feedback.cycle_completions` sets.
+:func:`~rlhfgym.envs.tasks.news.cycle_completions` sets.
 
 For ``intransitive`` the env's scalar reward is transitive by construction (one reference), but
 ``prefer`` is not: on the cycle sets P(A > B), P(B > C) and P(C > A) all exceed 1/2
-(:func:`~.build_feedback.measure_preference_cycle`), which no reward model can represent.
+(:func:`rlhfgym.envs.build.feedback.measure_preference_cycle` measures it), which no reward model can represent.
 
-Factories find the assets through :func:`~.assets.load_micro_assets` (checksums verified) unless
+Factories find the assets through :func:`~rlhfgym.envs.assets.load_micro_assets` (checksums verified) unless
 given ``root=`` (a directory with the same layout, e.g. a test build). This module imports nothing
 heavy at import time and never imports gymnasium.
 """

@@ -9,7 +9,8 @@ non-transitive preferences (e.g. the ``"intransitive"`` labeler population). Nas
 
 Subtracting the swapped order makes ``P(y > y') = 1 - P(y' > y)`` (and ``P(y > y) = 1/2``) hold
 exactly for any weights, so the model never has to learn it and cannot learn position bias.
-Training is supervised on preference records with the soft-label cross-entropy::
+Training (:func:`rlhfgym.envs.build.training.train_preference_model`, part of the asset build) is
+supervised on preference records with the soft-label cross-entropy::
 
     loss = -[ p log P(chosen > rejected) + (1 - p) log P(rejected > chosen) ]
 
@@ -21,24 +22,15 @@ with content.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..assets import atomic_save_dir
 from ..hf import quiet_transformers, resolve_device
-from .reward_model import (
-    ensure_pad_token,
-    load_scalar_model,
-    scalar_forward,
-    seed_everything,
-    soft_bt_loss,
-)
+from .reward_model import ensure_pad_token, scalar_forward
 
 CONFIG_NAME = "preference_config.json"
 
@@ -159,87 +151,20 @@ def evaluate_preference_model(pm: PreferenceModel, prefs) -> dict[str, float]:
     }
 
 
-def train_preference_model(
-    backbone_or_path,
-    tokenizer,
-    train_prefs,
-    eval_prefs=None,
-    epochs: int = 1,
-    lr: float = 1e-4,
-    batch_size: int = 16,
-    device: str | torch.device | None = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    *,
-    max_prompt_tokens: int = 384,
-    max_completion_tokens: int = 128,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    checkpoint_dir=None,
-) -> PreferenceModel:
-    """Supervised training of a :class:`PreferenceModel` on preference records (soft labels).
+__all__ = ["PreferenceModel", "evaluate_preference_model"]
 
-    Same arguments as :func:`~rlhfgym.envs.feedback.reward_model.train_reward_model` (``checkpoint_dir``:
-    resumable snapshots of the loop); ``pm.history`` holds one dict of metrics per epoch.
-    """
-    from ..build.checkpoint import LoopCheckpoint
-
-    seed_everything(seed)
-    device = resolve_device(device)
-    model = load_scalar_model(backbone_or_path, tokenizer).to(device)
-    pm = PreferenceModel(model, tokenizer, device, batch_size, max_prompt_tokens, max_completion_tokens)
-    n = len(train_prefs)
-    if n == 0:
-        raise ValueError("train_prefs is empty; label some comparisons first.")
-    fwd, rev = pm.encode_pairs(train_prefs["prompt"], train_prefs["chosen"], train_prefs["rejected"])
-    label_prob = torch.tensor(train_prefs["label_prob"], dtype=torch.float32, device=device)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    total = epochs * math.ceil(n / batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(total, 1))
-    gen = torch.Generator().manual_seed(seed)
-    ckpt = LoopCheckpoint(checkpoint_dir, {"kind": "preference model", "n": n, "epochs": epochs, "lr": lr,
-                                           "batch_size": batch_size, "seed": seed, "weight_decay": weight_decay})
-    done, state = ckpt.restore(model, optimizer, scheduler)
-    pm.history = list(state.get("history", []))
-    steps_per_epoch = math.ceil(n / batch_size)
-    bar = tqdm(total=total, initial=done, desc="preference model", disable=not progress, leave=False)
-    step = 0
-    for epoch in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen).tolist()
-        sums = ckpt.epoch_start(epoch, steps_per_epoch, len(pm.history), fresh=(0.0, 0.0))
-        if sums is None:
-            step += steps_per_epoch  # the snapshot holds this whole epoch
-            continue
-        loss_sum, acc_sum = sums
-        for s in range(0, n, batch_size):
-            step += 1
-            if step <= done:
-                continue  # resuming: this batch is in the snapshot
-            idx = perm[s : s + batch_size]
-            logit = pm.logit([fwd[i] for i in idx], [rev[i] for i in idx])  # log-odds of chosen > rejected
-            p = label_prob[idx]
-            loss = soft_bt_loss(logit, p)  # = soft cross-entropy of sigmoid(logit) against p
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(idx)
-            acc_sum += ((logit > 0) == (p > 0.5)).float().sum().item()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-            ckpt.maybe_save(step, model, optimizer, scheduler, {"history": pm.history, "sums": (loss_sum, acc_sum)})
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": acc_sum / n}
-        if eval_prefs is not None and len(eval_prefs):
-            ev = evaluate_preference_model(pm, eval_prefs)
-            record.update({"eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"]})
-        pm.history.append(record)
-    bar.close()
-    ckpt.clear()
-    model.eval()
-    return pm
+#: functions that moved to the asset-building package; the old names resolve there, with a
+#: DeprecationWarning, until rlhf-gym 0.3 (looked up lazily: runtime code never imports the build)
+_MOVED_TO_BUILD = {"train_preference_model": "rlhfgym.envs.build.training"}
 
 
-__all__ = ["PreferenceModel", "train_preference_model", "evaluate_preference_model"]
+def __getattr__(name: str):
+    if name in _MOVED_TO_BUILD:
+        import importlib
+        import warnings
+
+        new = _MOVED_TO_BUILD[name]
+        warnings.warn(f"{__name__}.{name} moved to {new}.{name}; import it from there ({__name__}.{name} goes in "
+                      "rlhf-gym 0.3).", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(new), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,8 +6,8 @@ directory (our SFT policy, a saved reward model) or a hub name alike. Inputs are
 ``format_input(prompt, completion)`` followed by EOS (the SFT data ends completions with EOS, so
 the head reads the state "the summary is finished").
 
-Training minimises the soft-label Bradley-Terry loss (InstructGPT; soft labels as in
-Constitutional AI)::
+Training (:func:`rlhfgym.envs.build.training.train_reward_model`, part of the asset build) minimises
+the soft-label Bradley-Terry loss (InstructGPT; soft labels as in Constitutional AI)::
 
     r_w, r_l = r(x, chosen), r(x, rejected)
     loss     = -[ p * log sigmoid(r_w - r_l) + (1 - p) * log sigmoid(r_l - r_w) ]     p = label_prob
@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..assets import atomic_save_dir
 from ..hf import quiet_transformers, resolve_device
@@ -345,12 +344,13 @@ class RewardModel:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation
+# Evaluation (training: rlhfgym.envs.build.training)
 
 
-def _distinct_pairs(prefs) -> tuple[list[tuple[str, str]], list[int], list[int], list[list[int]]]:
+def distinct_pairs(prefs) -> tuple[list[tuple[str, str]], list[int], list[int], list[list[int]]]:
     """The distinct (prompt, completion) sequences of ``prefs``, the index of every record's chosen
-    and rejected sequence into them, and the record indices grouped by prompt."""
+    and rejected sequence into them, and the record indices grouped by prompt (the reward model's
+    trainer scores each distinct sequence once per step and batches comparisons prompt by prompt)."""
     index: dict[tuple[str, str], int] = {}
     chosen, rejected, groups = [], [], {}
     for i, (x, yw, yl) in enumerate(zip(prefs["prompt"], prefs["chosen"], prefs["rejected"])):
@@ -360,9 +360,9 @@ def _distinct_pairs(prefs) -> tuple[list[tuple[str, str]], list[int], list[int],
     return list(index), chosen, rejected, list(groups.values())
 
 
-def _pair_scores(rm: RewardModel, prefs) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(rm: RewardModel, prefs) -> tuple[torch.Tensor, torch.Tensor]:
     """r(chosen), r(rejected) per record (float64, CPU); each distinct sequence is scored once."""
-    pairs, chosen, rejected, _ = _distinct_pairs(prefs)
+    pairs, chosen, rejected, _ = distinct_pairs(prefs)
     r = rm.score([x for x, _ in pairs], [y for _, y in pairs]).double().cpu()
     return r[torch.tensor(chosen, dtype=torch.long)], r[torch.tensor(rejected, dtype=torch.long)]
 
@@ -378,7 +378,7 @@ def evaluate_reward_model(rm: RewardModel, prefs, gold=None) -> dict[str, float]
     """
     from .ratings import pearson, spearman as _spearman
 
-    r_w, r_l = _pair_scores(rm, prefs)
+    r_w, r_l = pair_scores(rm, prefs)
     p = torch.tensor(prefs["label_prob"], dtype=torch.float64)
     decided = p != 0.5
     agree = ((r_w > r_l) == (p > 0.5))[decided].double()
@@ -408,111 +408,22 @@ def evaluate_reward_model(rm: RewardModel, prefs, gold=None) -> dict[str, float]
     return out
 
 
-def train_reward_model(
-    backbone_or_path,
-    tokenizer,
-    train_prefs,
-    eval_prefs=None,
-    epochs: int = 1,
-    lr: float = 1e-4,
-    batch_size: int = 16,
-    device: str | torch.device | None = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    *,
-    format_input: FormatFn | None = None,
-    max_length: int = 512,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    normalise_on: tuple[Sequence[str], Sequence[str]] | None = None,
-    unit_std: bool = False,
-    checkpoint_dir=None,
-) -> RewardModel:
-    """Train a Bradley-Terry reward model with the soft-label loss; returns a :class:`RewardModel`.
-
-    ``backbone_or_path``: a local dir / hub name or a ``PreTrainedModel`` (a causal LM gets a new
-    scalar head; a 1-label sequence classifier is trained in place). ``train_prefs`` /
-    ``eval_prefs``: preference datasets (:mod:`.preferences`). After training, rewards are shifted
-    so that ``normalise_on = (prompts, sft_completions)`` score mean 0 (Gao et al.); without it the
-    completions of ``train_prefs`` are used. ``rm.history`` holds one dict of metrics per epoch.
-    ``checkpoint_dir``: snapshot the loop there every few minutes and resume from it when the same
-    training runs again (:class:`~.resume.LoopCheckpoint`); deleted when training ends.
-    """
-    from ..build.checkpoint import LoopCheckpoint
-
-    seed_everything(seed)
-    device = resolve_device(device)
-    model = load_scalar_model(backbone_or_path, tokenizer).to(device)
-    rm = RewardModel(model, tokenizer, format_input, device, max_length, batch_size)
-    n = len(train_prefs)
-    if n == 0:
-        raise ValueError("train_prefs is empty; label some comparisons first.")
-    # tokenise once: every epoch reuses the same ids. Each distinct (prompt, completion) is one
-    # sequence, and comparisons are batched prompt by prompt, so k samples of a prompt compared in
-    # all k(k-1)/2 pairs cost k forward passes per step, not k(k-1).
-    pairs, chosen, rejected, groups = _distinct_pairs(train_prefs)
-    seqs = rm.encode([x for x, _ in pairs], [y for _, y in pairs])
-    label_prob = torch.tensor(train_prefs["label_prob"], dtype=torch.float32, device=device)
-    pad = tokenizer.pad_token_id
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    # linear decay to 0: the usual RM schedule (InstructGPT / summarize-from-feedback replications)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(total, 1))
-    gen = torch.Generator().manual_seed(seed)
-    ckpt = LoopCheckpoint(checkpoint_dir, {"kind": "reward model", "n": n, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                                           "seed": seed, "weight_decay": weight_decay, "max_length": max_length})
-    done, state = ckpt.restore(model, optimizer, scheduler)
-    rm.history = list(state.get("history", []))
-    bar = tqdm(total=total, initial=done, desc="reward model", disable=not progress, leave=False)
-    step = 0
-    for epoch in range(epochs):
-        model.train()
-        order = [i for g in torch.randperm(len(groups), generator=gen).tolist() for i in groups[g]]
-        sums = ckpt.epoch_start(epoch, steps_per_epoch, len(rm.history), fresh=(0.0, 0.0))
-        if sums is None:
-            step += steps_per_epoch  # the snapshot holds this whole epoch
-            continue
-        loss_sum, acc_sum = sums
-        for s in range(0, n, batch_size):
-            step += 1
-            if step <= done:
-                continue  # resuming: this batch is in the snapshot
-            idx = order[s : s + batch_size]
-            # one forward over the batch's distinct sequences, so chosen and rejected see the same weights
-            distinct = list(dict.fromkeys([chosen[i] for i in idx] + [rejected[i] for i in idx]))
-            row = {q: j for j, q in enumerate(distinct)}
-            r = scalar_forward(model, [seqs[q] for q in distinct], pad, device)
-            r_w = r[torch.tensor([row[chosen[i]] for i in idx], device=r.device)]
-            r_l = r[torch.tensor([row[rejected[i]] for i in idx], device=r.device)]
-            p = label_prob[idx]
-            loss = soft_bt_loss(r_w - r_l, p)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(idx)
-            acc_sum += ((r_w > r_l) == (p > 0.5)).float().sum().item()
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-            ckpt.maybe_save(step, model, optimizer, scheduler, {"history": rm.history, "sums": (loss_sum, acc_sum)})
-        record = {"epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": acc_sum / n}
-        if eval_prefs is not None and len(eval_prefs):
-            ev = evaluate_reward_model(rm, eval_prefs)
-            record.update({"eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"]})
-        rm.history.append(record)
-    bar.close()
-    ckpt.clear()
-    model.eval()
-    if normalise_on is None:
-        normalise_on = (list(train_prefs["prompt"]) * 2, list(train_prefs["chosen"]) + list(train_prefs["rejected"]))
-    rm.normalise(*normalise_on, unit_std=unit_std)
-    return rm
-
-
 __all__ = [
-    "RewardModel", "train_reward_model", "evaluate_reward_model", "prepend_facts", "join_prompt_completion",
-    "load_scalar_model", "soft_bt_loss",
+    "RewardModel", "evaluate_reward_model", "prepend_facts", "join_prompt_completion", "load_scalar_model",
+    "soft_bt_loss", "distinct_pairs", "pair_scores",
 ]
+
+#: functions that moved to the asset-building package; the old names resolve there, with a
+#: DeprecationWarning, until rlhf-gym 0.3 (looked up lazily: runtime code never imports the build)
+_MOVED_TO_BUILD = {"train_reward_model": "rlhfgym.envs.build.training"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_BUILD:
+        import importlib
+
+        new = _MOVED_TO_BUILD[name]
+        warnings.warn(f"{__name__}.{name} moved to {new}.{name}; import it from there ({__name__}.{name} goes in "
+                      "rlhf-gym 0.3).", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(new), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ split only keeps articles whose hash falls in its range (train 80%, validation 1
 from __future__ import annotations
 
 import hashlib
+import numbers
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -365,6 +366,8 @@ class NewsTask(Task):
     def example(self, split: str, index: int) -> Article:
         """The ``index``-th article of ``split`` (deterministic; splits never share key facts)."""
         self.check_split(split)
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise ValueError(f"article index must be an int in [0, {_SPLIT_SIZES[split]}) for split {split!r}, got {index!r}.")
         if not 0 <= index < _SPLIT_SIZES[split]:
             raise IndexError(f"article {index} is outside split {split!r} of size {_SPLIT_SIZES[split]}.")
         for attempt in range(10_000):
