@@ -3,7 +3,8 @@
 Reads top to bottom like CleanRL's ``ppo.py``; the equations are those of the seed lectures
 (Schulman et al. 2017, "PPO with Clipped Objective" and "PPO with Adaptive KL Penalty") and of the
 RLHF papers that put PPO on language models (Ziegler et al. 2019, Stiennon et al. 2020, InstructGPT),
-with TRL's ``PPOTrainer`` defaults where the lectures say nothing (docs: /work/shared/REFERENCES.md).
+with the defaults of TRL's ``PPOTrainer`` (Huang et al. 2024, "The N+ implementation details of RLHF
+with PPO") where the papers say nothing.
 
 **One iteration** (``batch_size`` completions, the budget's unit):
 

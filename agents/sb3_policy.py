@@ -13,7 +13,7 @@ Lets stock SB3 algorithms train a language model on the token MDP, one token per
 
 * **Features**: the LM's transformer (``model.base_model``) reads the observation's ``input_ids`` and
   ``attention_mask`` (right-aligned, left-padded Box int observations: SB3 would one-hot a
-  MultiDiscrete observation into vocab x window floats, see REFERENCES.md) and returns the last
+  MultiDiscrete observation into vocab x window floats: SB3's ``preprocess_obs``) and returns the last
   position's final hidden state, with position ids from the mask (so padding changes nothing).
 * **Actor**: the LM head itself (the pretrained output embedding), giving the ``Discrete(V)`` logits
   of the next token: at step 0, the policy *is* the env's reference model.

@@ -34,9 +34,9 @@ __all__ = [
 
 #: registered env id -> kwargs baked into its spec
 ENV_IDS: dict[str, dict[str, Any]] = {
-    # The learned Bradley-Terry RM (assets reward/): 92.1% of the labelers' Bayes ceiling, over the
-    # 90% target (docs/feedback.md). Until it met the target this id paid gold, as the foundation
-    # issue allowed; it switched once, on 2026-11-22, and keeps this meaning from now on.
+    # The learned Bradley-Terry RM (assets reward/): 92.1% of the labelers' Bayes ceiling
+    # (docs/feedback.md). Before 2026-11-22 this id paid gold; it switched once, when the RM was
+    # shipped, and keeps this meaning from now on: another reward is a new version (-v1).
     "RLHF-Summarize-v0": {"reward_model": "learned"},
     "RLHF-Summarize-Gold-v0": {"reward_model": "gold"},  # the gold scorer itself
     "RLHF-Summarize-Fact-v0": {"reward_model": "fact"},  # Fact-RLHF: the RM also reads the article's key facts

@@ -11,12 +11,12 @@ release with a ``DeprecationWarning``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from .moved import moved_attributes
 from .tasks.base import Task
 
 __all__ = ["RewardFunction", "GoldReward", "check_scores"]
@@ -85,14 +85,5 @@ def check_scores(reward_model: RewardFunction, scores, n: int) -> torch.Tensor:
     return scores
 
 
-def __getattr__(name: str):
-    # Deprecated alias, kept for one release: the name clashed with the Bradley-Terry RewardModel.
-    if name == "RewardModel":
-        warnings.warn(
-            "rlhfgym.envs.rewards.RewardModel is deprecated and will be removed in the next release; "
-            "use rlhfgym.envs.rewards.RewardFunction (the reward-slot interface).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return RewardFunction
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# the old name of RewardFunction (it clashed with the Bradley-Terry RewardModel of envs/feedback)
+__getattr__ = moved_attributes(__name__, {"RewardModel": "rlhfgym.envs.rewards:RewardFunction"})

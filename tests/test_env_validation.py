@@ -283,7 +283,7 @@ def test_reward_function_is_the_slot_interface_and_the_old_name_warns():
     assert isinstance(GoldReward.__new__(GoldReward), RewardFunction)
     import rlhfgym.envs.rewards as rewards
 
-    with pytest.warns(DeprecationWarning, match="use rlhfgym.envs.rewards.RewardFunction"):
+    with pytest.warns(DeprecationWarning, match="RewardModel moved to rlhfgym.envs.rewards.RewardFunction"):
         old = rewards.RewardModel
     assert old is RewardFunction
     with pytest.raises(AttributeError):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..assets import atomic_save_dir
+from ..moved import moved_attributes
 from ..hf import quiet_transformers, resolve_device
 from .reward_model import ensure_pad_token, scalar_forward
 
@@ -153,18 +154,5 @@ def evaluate_preference_model(pm: PreferenceModel, prefs) -> dict[str, float]:
 
 __all__ = ["PreferenceModel", "evaluate_preference_model"]
 
-#: functions that moved to the asset-building package; the old names resolve there, with a
-#: DeprecationWarning, until rlhf-gym 0.3 (looked up lazily: runtime code never imports the build)
-_MOVED_TO_BUILD = {"train_preference_model": "rlhfgym.envs.build.training"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_BUILD:
-        import importlib
-        import warnings
-
-        new = _MOVED_TO_BUILD[name]
-        warnings.warn(f"{__name__}.{name} moved to {new}.{name}; import it from there ({__name__}.{name} goes in "
-                      "rlhf-gym 0.3).", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(new), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# moved to the asset-building package; resolved lazily (runtime code never imports the build)
+__getattr__ = moved_attributes(__name__, {"train_preference_model": "rlhfgym.envs.build.training"})

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..assets import atomic_save_dir
+from ..moved import moved_attributes
 from ..hf import quiet_transformers, resolve_device
 
 FormatFn = Callable[[str, str], str]
@@ -413,17 +414,5 @@ __all__ = [
     "soft_bt_loss", "distinct_pairs", "pair_scores",
 ]
 
-#: functions that moved to the asset-building package; the old names resolve there, with a
-#: DeprecationWarning, until rlhf-gym 0.3 (looked up lazily: runtime code never imports the build)
-_MOVED_TO_BUILD = {"train_reward_model": "rlhfgym.envs.build.training"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_BUILD:
-        import importlib
-
-        new = _MOVED_TO_BUILD[name]
-        warnings.warn(f"{__name__}.{name} moved to {new}.{name}; import it from there ({__name__}.{name} goes in "
-                      "rlhf-gym 0.3).", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(new), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# moved to the asset-building package; resolved lazily (runtime code never imports the build)
+__getattr__ = moved_attributes(__name__, {"train_reward_model": "rlhfgym.envs.build.training"})
