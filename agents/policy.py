@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rlhfgym.envs.hf import position_ids, quiet_transformers
-from rlhfgym.envs.lm import IncrementalLM, decode_completions, encode_completions, encode_prompts, model_vocab_size
+from rlhfgym.envs.lm import decode_completions, encode_completions, encode_prompts, model_vocab_size, sample_tokens
 
 
 @dataclass
@@ -167,37 +167,12 @@ class CausalLMPolicy(nn.Module):
         from, and ``step(tokens, active)`` sees every sampled token (e.g. to advance its own KV
         cache). ``Rollout.logprobs`` are then the mixture's. ``None`` samples from the policy itself.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}.")
         t_max = int(max_new_tokens or self.max_new_tokens)
         prompt_ids = self.encode_prompts(prompts)
-        b = len(prompt_ids)
-        was_training = self.model.training
-        self.model.eval()
-        lm = IncrementalLM(self.model, b, self.max_prompt_tokens + t_max)
-        logits = lm.reset_rows(range(b), prompt_ids)
-        extra = mixture.start(prompt_ids, t_max) if mixture is not None else None
-        tokens = torch.full((b, t_max), self.pad_id, dtype=torch.long, device=self.device)
-        logps = torch.zeros(b, t_max, device=self.device)
-        mask = torch.zeros(b, t_max, dtype=torch.long, device=self.device)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        for t in range(t_max):
-            logp = torch.log_softmax(logits.float()[:, : len(self.tokenizer)] / max(temperature, 1e-6), dim=-1)
-            if extra is not None:
-                logp = extra.mix(logp)
-            tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            tokens[:, t] = tok
-            logps[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
-            mask[:, t] = (~done).long()
-            active = ~done
-            done = done | (tok == self.eos_id)
-            if bool(done.all()):
-                break
-            logits = lm.step(tok, active=active)
-            if extra is not None:
-                extra.step(tok, active)
-        self.model.train(was_training)
+        tokens, mask, logps, done = sample_tokens(
+            self.model, prompt_ids, max_new_tokens=t_max, window=self.max_prompt_tokens + t_max, eos_id=self.eos_id,
+            pad_id=self.pad_id, vocab_size=len(self.tokenizer), temperature=temperature, mixture=mixture,
+        )
         # decoded as the env decodes an episode (rlhfgym.envs.lm: special tokens dropped, spaces kept)
         texts = decode_completions(self.tokenizer, [row[: int(n)] for row, n in zip(tokens.tolist(), mask.sum(1).tolist())])
         return Rollout(list(prompts), prompt_ids, tokens, mask, logps, texts, done)

@@ -11,7 +11,7 @@ into the manifest, the ``policy`` and ``sft`` rows of ``rlhf-zoo train``) comes 
    where given, and by any extra per-sample ``measures``); the report holds their means.
 
 A model is sampled with :func:`sample_completions` (:func:`lm_sampler` binds one): token by token
-with :class:`~.lm.IncrementalLM`, prompts keeping their last ``max_prompt_tokens`` tokens as the
+with :func:`~.lm.sample_tokens` (the loop agents' policies sample with too), prompts keeping their last ``max_prompt_tokens`` tokens as the
 env's observations do, at most ``max_new_tokens`` new tokens, stopping at EOS. So the same policy
 gives the same number whichever path evaluates it, as long as prompts, seed, batch size and window
 agree. Nothing here imports the agents, the zoo or the asset build.
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .lm import IncrementalLM, decode_completions, encode_prompts
+from .lm import decode_completions, encode_prompts, sample_tokens
 
 __all__ = ["Samples", "sample_completions", "lm_sampler", "evaluate_samples"]
 
@@ -54,8 +54,6 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], *, temperature:
     than ``max_prompt_tokens`` keeps its last tokens (``None``: whole prompts). The model is put in
     eval mode while sampling and given back in the mode it was in.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token first.")
     eos = int(tokenizer.eos_token_id)
@@ -64,29 +62,8 @@ def sample_completions(model, tokenizer, prompts: Sequence[str], *, temperature:
     if max_prompt_tokens is not None:
         prompt_ids = [row[-max_prompt_tokens:] for row in prompt_ids]
     window = (max_prompt_tokens if max_prompt_tokens is not None else max(map(len, prompt_ids), default=1)) + max_new_tokens
-    device = next(model.parameters()).device
-    b, t_max, vocab = len(prompt_ids), int(max_new_tokens), len(tokenizer)
-    was_training = model.training
-    model.eval()
-    lm = IncrementalLM(model, b, window)
-    logits = lm.reset_rows(range(b), prompt_ids)
-    tokens = torch.full((b, t_max), pad, dtype=torch.long, device=device)
-    logps = torch.zeros(b, t_max, device=device)
-    mask = torch.zeros(b, t_max, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    for t in range(t_max):
-        logp = torch.log_softmax(logits.float()[:, :vocab] / max(temperature, 1e-6), dim=-1)
-        tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        tokens[:, t] = tok
-        logps[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
-        mask[:, t] = (~done).long()
-        active = ~done
-        done = done | (tok == eos)
-        if bool(done.all()):
-            break
-        logits = lm.step(tok, active=active)
-    model.train(was_training)
+    tokens, mask, logps, _ = sample_tokens(model, prompt_ids, max_new_tokens=max_new_tokens, window=window, eos_id=eos,
+                                           pad_id=pad, vocab_size=len(tokenizer), temperature=temperature)
     texts = decode_completions(tokenizer, tokens.masked_fill(mask == 0, pad).tolist())
     return Samples(list(prompts), prompt_ids, tokens, mask, logps, texts)
 

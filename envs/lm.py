@@ -58,6 +58,7 @@ __all__ = [
     "encode_completions",
     "decode_completions",
     "generate_text",
+    "sample_tokens",
 ]
 
 
@@ -487,3 +488,54 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1
         )
         out.extend(decode_completions(tokenizer, gen[:, enc["input_ids"].shape[1]:].tolist()))
     return out
+
+
+@torch.no_grad()
+def sample_tokens(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, window: int,
+                  eos_id: int, pad_id: int, vocab_size: int, temperature: float = 1.0, mixture=None):
+    """Sample one completion per prompt token by token on an :class:`IncrementalLM` (all rows in one
+    batch; greedy when ``temperature == 0``): the one sampling loop of rlhf-gym.
+
+    Next-token log-probabilities are ``log_softmax(logits[:, :vocab_size] / temperature)``; a token
+    is drawn with ``torch.multinomial`` (the global torch RNG). A row stops after its EOS; its later
+    columns hold ``pad_id``. ``mixture`` (optional) changes the distribution sampled from:
+    ``mixture.start(prompt_ids, max_new_tokens)`` returns a stepper whose ``mix(logp) -> logp`` maps
+    the model's (B, V) log-probs to the sampled ones and whose ``step(tokens, active)`` sees every
+    sampled token (Nash-MD's geometric mixture with pi_ref). The model is put in eval mode while
+    sampling and given back in the mode it was in.
+
+    Returns ``(tokens, mask, logprobs, done)``: ``(B, max_new_tokens)`` ids, 1 on sampled tokens (EOS
+    included), their log-probabilities under the sampled distribution, and ``(B,)`` whether the row
+    ended with EOS.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    device = next(model.parameters()).device
+    b, t_max = len(prompt_ids), int(max_new_tokens)
+    was_training = model.training
+    model.eval()
+    lm = IncrementalLM(model, b, window)
+    logits = lm.reset_rows(range(b), prompt_ids)
+    extra = mixture.start(prompt_ids, t_max) if mixture is not None else None
+    tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(b, t_max, device=device)
+    mask = torch.zeros(b, t_max, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for t in range(t_max):
+        logp = torch.log_softmax(logits.float()[:, :vocab_size] / max(temperature, 1e-6), dim=-1)
+        if extra is not None:
+            logp = extra.mix(logp)
+        tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens[:, t] = tok
+        logps[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
+        mask[:, t] = (~done).long()
+        active = ~done
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        logits = lm.step(tok, active=active)
+        if extra is not None:
+            extra.step(tok, active)
+    model.train(was_training)
+    return tokens, mask, logps, done
