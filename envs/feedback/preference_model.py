@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ..assets import atomic_save_dir
 from ..moved import moved_attributes
 from ..hf import quiet_transformers, resolve_device
-from .reward_model import ensure_pad_token, scalar_forward
+from .reward_model import ensure_pad_token, save_scalar_model, scalar_forward
 
 CONFIG_NAME = "preference_config.json"
 
@@ -118,11 +117,7 @@ class PreferenceModel:
             "sep_id": self.sep_id,
             "history": self.history,
         }
-        with atomic_save_dir(path) as tmp:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        return Path(path)
+        return save_scalar_model(path, self.model, self.tokenizer, CONFIG_NAME, cfg)
 
     @classmethod
     @quiet_transformers()

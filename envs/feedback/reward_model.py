@@ -106,6 +106,16 @@ def _saved_format_name(name: str | None) -> str | None:
 # Shared machinery for scalar-head models (reward model, preference model)
 
 
+def save_scalar_model(path, model, tokenizer, config_name: str, config: dict) -> Path:
+    """``save_pretrained`` model and tokenizer plus ``config_name`` (JSON of ``config``), written as one
+    atomic directory (a half-written save never replaces a good one)."""
+    with atomic_save_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / config_name).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(path)
+
+
 def ensure_pad_token(tokenizer) -> None:
     """Scalar heads find the last real token through ``pad_token_id``; give the tokenizer one."""
     if tokenizer.pad_token_id is None:
@@ -306,11 +316,7 @@ class RewardModel:
             "format_input": _format_name(self.format_input),
             "history": self.history,
         }
-        with atomic_save_dir(path) as tmp:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        return Path(path)
+        return save_scalar_model(path, self.model, self.tokenizer, CONFIG_NAME, cfg)
 
     @classmethod
     @quiet_transformers()
@@ -411,7 +417,7 @@ def evaluate_reward_model(rm: RewardModel, prefs, gold=None) -> dict[str, float]
 
 __all__ = [
     "RewardModel", "evaluate_reward_model", "prepend_facts", "join_prompt_completion", "load_scalar_model",
-    "soft_bt_loss", "distinct_pairs", "pair_scores",
+    "soft_bt_loss", "distinct_pairs", "pair_scores", "save_scalar_model",
 ]
 
 # moved to the asset-building package; resolved lazily (runtime code never imports the build)
