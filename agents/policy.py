@@ -17,25 +17,17 @@ import torch
 from torch import nn
 
 from rlhfgym.envs.hf import position_ids, quiet_transformers
+from rlhfgym.envs.evaluation import Samples
 from rlhfgym.envs.lm import decode_completions, encode_completions, encode_prompts, model_vocab_size, sample_tokens
 
 
 @dataclass
-class Rollout:
-    """A batch of sampled completions.
-
-    ``prompt_ids``: list of prompt token-id lists. ``tokens``: (B, T) completion tokens, padded
-    with the pad id after EOS. ``mask``: (B, T) 1 on real completion tokens (EOS included).
-    ``logprobs``: (B, T) log-prob of each token under the sampling policy (temperature applied).
-    ``texts``: decoded completions (special tokens skipped). ``ended``: (B,) bool, EOS was sampled.
+class Rollout(Samples):
+    """A batch of sampled completions (:class:`rlhfgym.envs.evaluation.Samples`: ``prompts``,
+    ``prompt_ids``, ``tokens`` (B, T) padded after EOS, ``mask`` (B, T) 1 on real tokens with EOS,
+    ``logprobs`` (B, T) under the sampling policy, ``texts``) and ``ended``: (B,) bool, EOS was sampled.
     """
 
-    prompts: list[str]
-    prompt_ids: list[list[int]]
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    texts: list[str]
     ended: torch.Tensor
 
 
