@@ -5,10 +5,11 @@
     agent.learn(env, budget=20_000)
 
 Built-in agents are imported on first use; external packages register through the entry-point
-group ``rlhfgym.agents`` (see CONTRIBUTING.md).
+group ``rlhfgym.agents`` or call :func:`register` when imported (``rlhf-zoo --import MODULE`` imports
+a user's module first); see CONTRIBUTING.md, "Adding an agent".
 """
 
-from .base import Agent, AgentError, agent_class, load, make, register, registered
+from .base import Agent, AgentError, agent_class, check_constructor, load, make, register, registered
 
 BUILTIN_AGENTS = {
     "ppo": "rlhfgym.agents.ppo:PPO",
@@ -24,4 +25,5 @@ BUILTIN_AGENTS = {
 for _name, _target in BUILTIN_AGENTS.items():
     register(_name, _target)
 
-__all__ = ["Agent", "AgentError", "make", "load", "register", "registered", "agent_class", "BUILTIN_AGENTS"]
+__all__ = ["Agent", "AgentError", "make", "load", "register", "registered", "agent_class", "check_constructor",
+           "BUILTIN_AGENTS"]

@@ -28,7 +28,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+#: 2: ``agent.json`` lists every other file of the saved agent with its sha256 and size (``files``),
+#: checked on load and resume; 1 (rlhf-gym 0.1, no ``files``) is still read, without the checksums
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "agent.json"
 
 
@@ -92,7 +95,10 @@ class Agent(ABC):
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Save the policy (Hugging Face ``save_pretrained`` format) and the agent's config, atomically."""
+        """Save the policy (Hugging Face ``save_pretrained`` format) and the agent's config, atomically.
+
+        ``agent.json`` is written last and lists the sha256 and size of every other file
+        (:func:`verify_agent_files` checks them on load and resume)."""
         from rlhfgym.envs.assets import atomic_save_dir, atomic_write_text
 
         directory = Path(directory)
@@ -100,10 +106,9 @@ class Agent(ABC):
             if self.policy is not None:
                 self.policy.save(Path(tmp) / "policy")
             self.save_extra(Path(tmp))
-            atomic_write_text(
-                Path(tmp) / CONFIG_FILE,
-                json.dumps({"format": FORMAT_VERSION, "agent": self.name, "spent": self.spent, "config": self.config}, indent=2),
-            )
+            meta = {"format": FORMAT_VERSION, "agent": self.name, "spent": self.spent, "config": self.config,
+                    "files": _file_digests(Path(tmp))}
+            atomic_write_text(Path(tmp) / CONFIG_FILE, json.dumps(meta, indent=2))
         return directory
 
     def save_extra(self, directory: Path) -> None:
@@ -115,8 +120,6 @@ class Agent(ABC):
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | None = None) -> "Agent":
         """Load an agent saved with :meth:`save` (use :func:`rlhfgym.agents.load` when the class is unknown)."""
-        from .policy import CausalLMPolicy
-
         directory = Path(directory)
         meta = read_agent_config(directory)
         if meta["agent"] != cls.name and cls is not Agent:
@@ -125,37 +128,193 @@ class Agent(ABC):
         if device is not None:
             config["device"] = device
         agent = cls(**config)
-        if (directory / "policy").exists():
-            agent.policy = CausalLMPolicy.from_pretrained(directory / "policy", device=config.get("device", "cpu"))
-        agent.spent = int(meta.get("spent", 0))
-        agent.load_extra(directory)
+        agent.restore(directory, meta)
         return agent
 
+    def restore(self, directory: str | os.PathLike, meta: dict | None = None) -> dict:
+        """Take the policy, ``spent`` and the extra state (:meth:`load_extra`) of the agent saved in
+        ``directory`` into this one, after checking its files (:func:`verify_agent_files`); returns its
+        ``agent.json``. :meth:`load` and a resumed training run both restore this way."""
+        from .policy import CausalLMPolicy
 
-def read_agent_config(directory: Path) -> dict:
-    path = Path(directory) / CONFIG_FILE
+        directory = Path(directory)
+        meta = read_agent_config(directory) if meta is None else meta
+        verify_agent_files(directory, meta)
+        spent = int(meta.get("spent", 0))
+        policy_dir = directory / "policy"
+        if policy_dir.exists():
+            try:
+                self.policy = CausalLMPolicy.from_pretrained(policy_dir, device=self.config.get("device", self.device))
+            except Exception as e:
+                weights = policy_dir / "model.safetensors"
+                where = weights if "safetensor" in f"{type(e).__name__} {e}".lower() and weights.exists() else policy_dir
+                raise AgentError(f"{where} could not be loaded ({type(e).__name__}: {e}); {_fix(directory)}") from e
+        elif meta.get("format") == 1 and spent > 0:  # format 2 lists the policy's files: verify_agent_files said it
+            raise AgentError(f"{directory} has trained {spent} completions but its policy/ is missing; {_fix(directory)}")
+        self.spent = spent
+        self.load_extra(directory)
+        return meta
+
+
+def _fix(directory: Path) -> str:
+    return (f"delete the checkpoint {directory} (or its whole run directory) to train again from the start, "
+            "or restore it from a copy")
+
+
+def _file_digests(root: Path) -> dict[str, dict]:
+    """``{relative/posix/path: {"sha256", "size"}}`` of every file under ``root`` but ``agent.json``."""
+    from rlhfgym.envs.assets import sha256_file
+
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != CONFIG_FILE:
+            out[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return out
+
+
+def verify_agent_files(directory: str | os.PathLike, meta: dict | None = None) -> None:
+    """Raise :class:`AgentError`, naming the file and the fix, unless every file ``agent.json`` lists
+    is in ``directory`` with its recorded size and sha256 (format 1 lists none: nothing to check)."""
+    from rlhfgym.envs.assets import sha256_file
+
+    directory = Path(directory)
+    meta = read_agent_config(directory) if meta is None else meta
+    files = meta.get("files")
+    if files is None and meta.get("format") != 1:
+        raise AgentError(f"{directory / CONFIG_FILE} lists no files (it should list every file with its sha256); "
+                         f"{_fix(directory)}")
+    for rel, want in (files or {}).items():
+        path = directory / rel
+        if not path.is_file():
+            raise AgentError(f"{path} is missing from the saved agent {directory} ({CONFIG_FILE} lists it); {_fix(directory)}")
+        size = path.stat().st_size
+        if size != want.get("size", size) or sha256_file(path) != want.get("sha256"):
+            raise AgentError(
+                f"{path} is corrupted: its sha256 differs from the one recorded in {directory / CONFIG_FILE} when it was "
+                f"saved ({size} bytes, {want.get('size')} saved); {_fix(directory)}"
+            )
+
+
+def read_agent_config(directory: str | os.PathLike) -> dict:
+    """The ``agent.json`` of a saved agent, checked: a JSON object of a format this rlhf-gym reads, with
+    ``agent`` and ``config``; errors name the file and the fix."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
     if not path.exists():
         raise AgentError(f"{directory} is not a saved agent (no {CONFIG_FILE}); save one with agent.save(dir).")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT_VERSION:
+    text = path.read_text(errors="replace")
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        what = "empty" if not text.strip() else f"not valid JSON ({e})"
+        raise AgentError(f"{path} is {what}: a truncated or damaged save; {_fix(directory)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("agent"), str) or not isinstance(meta.get("config"), dict):
+        raise AgentError(f"{path} is not an agent's {CONFIG_FILE} (it needs 'format', 'agent' and 'config'); "
+                         f"{_fix(directory)}")
+    if meta.get("format") not in READABLE_FORMATS:
         raise AgentError(
-            f"{path} was written by agent format {meta.get('format')!r}, this rlhf-gym reads format {FORMAT_VERSION}; "
-            "retrain, or load it with the rlhf-gym version that wrote it."
+            f"{path} was written by agent format {meta.get('format')!r}, this rlhf-gym reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; retrain, or load it with the rlhf-gym version that wrote it."
         )
     return meta
 
 
 # ---------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Agent] | str] = {}
+_REGISTRY: dict[str, type[Agent] | str | "_Conflict"] = {}
 _ENTRY_POINTS_LOADED = False
 
 
+class _Conflict:
+    """Two different targets claim one name (``register()`` and an entry point, or two entry points);
+    :func:`agent_class` imports both and raises unless they turn out to be the same class."""
+
+    def __init__(self, first: type[Agent] | str, first_from: str, second: str, second_from: str):
+        self.first, self.first_from, self.second, self.second_from = first, first_from, second, second_from
+
+
+def _qualified(target: type | str) -> str:
+    """``"module:QualName"`` of a class; a target string as it is."""
+    return target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+
+
+def _import_target(target: str):
+    """The object a ``"module:attr"`` string names (importing the module)."""
+    import importlib
+
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split(".") if attr else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+def _imported_target(target: type | str):
+    """The object ``target`` names when its module is already (fully enough) imported, else None; imports nothing."""
+    if not isinstance(target, str):
+        return target
+    import sys
+
+    module, _, attr = target.partition(":")
+    obj = sys.modules.get(module)
+    for part in attr.split(".") if attr and obj is not None else ():
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _module_importing(target: str) -> bool:
+    """``target``'s module is being imported right now: in ``sys.modules`` but its attribute is not defined yet."""
+    import sys
+
+    return target.partition(":")[0] in sys.modules and _imported_target(target) is None
+
+
+def _same_agent(a: type | str, b: type | str) -> bool:
+    if a is b or _qualified(a) == _qualified(b):
+        return True
+    ra = _imported_target(a)
+    return ra is not None and ra is _imported_target(b)
+
+
 def register(name: str, cls: type[Agent] | str, *, override: bool = False) -> None:
-    """Register an agent class (or a ``"module:Class"`` string, imported on first use) under ``name``."""
-    if name in _REGISTRY and not override:
-        raise AgentError(f"an agent named {name!r} is already registered; pass override=True to replace it.")
-    _REGISTRY[name] = cls
+    """Register an agent class (or a ``"module:Class"`` string, imported on first use) under ``name``.
+
+    Registering the same class again under the same name is a no-op, so a module may both call
+    ``register()`` when imported and be named by an entry point of the same name. Another class
+    under a taken name is an error unless ``override=True``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise AgentError(f"an agent name must be a non-empty string, got {name!r}.")
+    if isinstance(cls, str):
+        if ":" not in cls or not all(cls.partition(":")[::2]):
+            raise AgentError(f"register({name!r}, {cls!r}): a target string is 'module:Class', e.g. 'my_package.ppo:MyPPO'.")
+    elif not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise AgentError(f"register({name!r}, {cls!r}): an agent is a subclass of rlhfgym.agents.Agent (or a 'module:Class' string).")
+    existing = _REGISTRY.get(name)
+    if existing is None or override:
+        _REGISTRY[name] = cls
+        return
+    if isinstance(existing, _Conflict):
+        raise AgentError(f"{_conflict_message(name, existing)} Registering {_qualified(cls)} too does not resolve it.")
+    if _same_agent(existing, cls):
+        if not isinstance(cls, str):
+            _REGISTRY[name] = cls  # the class itself from now on: nothing left to import
+        return
+    if isinstance(existing, str) and not isinstance(cls, str) and _module_importing(existing):
+        # the module an entry point names is registering while it is imported: agent_class() checks, once
+        # the import is done, that the entry point's class is this one
+        _REGISTRY[name] = cls
+        return
+    raise AgentError(
+        f"an agent named {name!r} is already registered ({_qualified(existing)}); cannot register {_qualified(cls)} "
+        "under the same name: pick another name, or pass override=True to replace it."
+    )
+
+
+def _conflict_message(name: str, c: _Conflict) -> str:
+    return (f"agent {name!r} is claimed twice: {_qualified(c.first)} ({c.first_from}) and {c.second} ({c.second_from}); "
+            "rename one of them, or uninstall the package you do not want.")
 
 
 def _load_entry_points() -> None:
@@ -164,7 +323,13 @@ def _load_entry_points() -> None:
         return
     _ENTRY_POINTS_LOADED = True
     for ep in metadata.entry_points(group="rlhfgym.agents"):
-        _REGISTRY.setdefault(ep.name, ep.value)
+        existing = _REGISTRY.get(ep.name)
+        if existing is None:
+            _REGISTRY[ep.name] = ep.value
+        elif not isinstance(existing, _Conflict) and not _same_agent(existing, ep.value):
+            dist = getattr(getattr(ep, "dist", None), "name", None)
+            where = f"entry point of {dist!r}" if dist else "an entry point"
+            _REGISTRY[ep.name] = _Conflict(existing, "registered first", ep.value, where)
 
 
 def registered() -> list[str]:
@@ -173,25 +338,83 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _resolve(name: str, target: str):
+    try:
+        return _import_target(target)
+    except (ImportError, AttributeError) as e:
+        raise AgentError(f"agent {name!r} names {target}, which cannot be imported ({type(e).__name__}: {e}); "
+                         "reinstall the package that provides it.") from e
+
+
 def agent_class(name: str) -> type[Agent]:
+    """The class registered under ``name`` (imported now if it was registered as a string)."""
     _load_entry_points()
     if name not in _REGISTRY:
-        raise AgentError(f"unknown agent {name!r}; known agents: {', '.join(registered())}.")
-    cls = _REGISTRY[name]
-    if isinstance(cls, str):
-        import importlib
+        import difflib
 
-        module, _, attr = cls.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise AgentError(f"unknown agent {name!r}{hint}; known agents: {', '.join(registered())}. "
+                         "Register a new one with rlhfgym.agents.register(name, cls) or an 'rlhfgym.agents' entry point.")
+    cls = _REGISTRY[name]
+    if isinstance(cls, _Conflict):
+        first = cls.first if not isinstance(cls.first, str) else _resolve(name, cls.first)
+        if first is not _resolve(name, cls.second):
+            raise AgentError(_conflict_message(name, cls))
+        _REGISTRY[name] = cls = first
+    if isinstance(cls, str):
+        target = cls
+        cls = _resolve(name, target)
+        current = _REGISTRY.get(name)
+        if not isinstance(current, str) and current is not cls:  # its module registered another class while imported
+            raise AgentError(f"agent {name!r}: the entry point names {target} ({_qualified(cls)}), but importing it "
+                             f"registered {_qualified(current)} under the same name; make them one class, or rename one.")
         _REGISTRY[name] = cls
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise AgentError(f"agent {name!r} resolves to {cls!r}, which is not a subclass of rlhfgym.agents.Agent.")
     return cls
 
 
+def check_constructor(name: str, cls: type[Agent], keywords) -> None:
+    """Raise :class:`AgentError` unless ``cls(**{k: ... for k in keywords})`` can bind every keyword.
+
+    The contract: an agent's constructor accepts ``device`` and ``seed`` (the zoo passes both; the
+    :class:`Agent` base takes them), and its hyperparameters as keywords.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: let the call itself decide
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in keywords if k not in accepted]
+    contract = [k for k in ("device", "seed") if k in unknown]
+    if contract:
+        raise AgentError(
+            f"agent {name!r} ({_qualified(cls)}): its constructor does not accept {' and '.join(contract)}; every agent's "
+            "__init__ must take the keywords device and seed (the zoo passes them) and hand them to Agent.__init__, "
+            "e.g. def __init__(self, my_param=1.0, **kw): super().__init__(my_param=my_param, **kw)."
+        )
+    if unknown:
+        import difflib
+
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, accepted, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        takes = ", ".join(a for a in accepted if a != "policy")
+        raise AgentError(f"{name}: unknown hyperparameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                         f"{name} takes {takes}.")
+
+
 def make(name: str, **hyperparams: Any) -> Agent:
-    """Create a registered agent by name with its hyperparameters."""
-    return agent_class(name)(**hyperparams)
+    """Create a registered agent by name with its hyperparameters (checked against its constructor first)."""
+    cls = agent_class(name)
+    check_constructor(name, cls, hyperparams)
+    return cls(**hyperparams)
 
 
 def load(directory: str | os.PathLike, device: str | None = None) -> Agent:

@@ -25,12 +25,15 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import math
 import random
+import time
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,8 @@ __all__ = [
     "mean_gold",
     "pad_cat", "trim", "sequence_logps", "batched_logps",
     "labeler_population", "env_prefer", "as_preference_fn", "preference_probs",
-    "save_train_state", "load_train_state", "TrainingRun", "TrainingAgent",
+    "save_train_state", "load_train_state", "DEFAULT_CHECKPOINT_SECONDS", "checkpoint_interval", "TrainingRun",
+    "TrainingAgent",
 ]
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -380,7 +384,45 @@ def save_train_state(directory: Path, state: dict) -> None:
 def load_train_state(directory: Path, device: str = "cpu") -> dict | None:
     """What :func:`save_train_state` wrote in ``directory``; None when it holds none."""
     path = Path(directory) / TRAIN_STATE_FILE
-    return torch.load(path, map_location=device, weights_only=False) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise AgentError(f"{path} could not be read ({type(e).__name__}: {e}): a truncated or damaged save; "
+                         f"{_delete_hint(Path(directory))}") from e
+    if not isinstance(blob, dict):
+        raise AgentError(f"{path} holds a {type(blob).__name__}, not a train state; {_delete_hint(Path(directory))}")
+    return blob
+
+
+def _delete_hint(directory: Path) -> str:
+    return (f"delete the checkpoint {directory} (or its whole run directory) to train again from the start, "
+            "or restore it from a copy")
+
+
+#: a run with a ``checkpoint_dir`` saves at least this often (seconds of work), besides ``checkpoint_every``
+DEFAULT_CHECKPOINT_SECONDS = 120.0
+_CHECKPOINT_SECONDS: contextvars.ContextVar[float] = contextvars.ContextVar("checkpoint_seconds",
+                                                                            default=DEFAULT_CHECKPOINT_SECONDS)
+
+
+def _check_seconds(agent: str, seconds) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
+        raise AgentError(f"{agent}: checkpoint_seconds must be a number of seconds >= 0 (inf: never), got {seconds!r}.")
+    return float(seconds)
+
+
+@contextlib.contextmanager
+def checkpoint_interval(seconds: float) -> Iterator[None]:
+    """Within the block, a :class:`TrainingRun` with a ``checkpoint_dir`` and no ``checkpoint_seconds``
+    of its own checkpoints every ``seconds`` of work (``math.inf``: only by ``checkpoint_every`` and at
+    the end); how ``rlhf-zoo train`` sets the interval for agents whose ``learn`` does not take it."""
+    token = _CHECKPOINT_SECONDS.set(_check_seconds("checkpoint_interval", seconds))
+    try:
+        yield
+    finally:
+        _CHECKPOINT_SECONDS.reset(token)
 
 
 class TrainingRun:
@@ -396,30 +438,45 @@ class TrainingRun:
 
     ``budget`` is the agent's *total*: a fresh agent spends ``budget`` completions, a resumed one the rest.
     ``checkpoint_dir`` is a whole saved agent (``rlhfgym.agents.load(checkpoint_dir)`` works), replaced
-    atomically every ``checkpoint_every`` completions and at the end; give each run its own directory.
+    atomically every ``checkpoint_every`` completions, after every ``checkpoint_seconds`` of work (default
+    :data:`DEFAULT_CHECKPOINT_SECONDS`, or what :func:`checkpoint_interval` set; ``math.inf``: never) and
+    at the end; give each run its own directory. Its files are checked (sha256) before a resume.
     """
 
     def __init__(self, agent: Agent, budget: int, *, callback=None, checkpoint_dir=None, checkpoint_every=None,
-                 log_dir=None, progress_bar: bool = True):
+                 checkpoint_seconds: float | None = None, log_dir=None, progress_bar: bool = True):
         self.agent, self.budget, self.callback = agent, agent.check_budget(budget), callback
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every <= 0):
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool)
+                                             or checkpoint_every <= 0):
             raise AgentError(f"{agent.name}: checkpoint_every must be a positive number of completions or None, got {checkpoint_every!r}.")
         if checkpoint_every is not None and checkpoint_dir is None:
             raise AgentError(f"{agent.name}: checkpoint_every={checkpoint_every} needs a checkpoint_dir to write to.")
+        if checkpoint_seconds is not None and checkpoint_dir is None:
+            raise AgentError(f"{agent.name}: checkpoint_seconds={checkpoint_seconds} needs a checkpoint_dir to write to.")
         if callback is not None and not callable(callback):
             raise AgentError(f"{agent.name}: callback must be callable as callback(agent, metrics) -> bool | None.")
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = (_CHECKPOINT_SECONDS.get() if checkpoint_seconds is None
+                                   else _check_seconds(agent.name, checkpoint_seconds))
         self.log_dir, self.progress_bar = log_dir, progress_bar
         self._writer = self._bar = None
         self._last_saved = agent.spent
+        self._last_save_time = time.monotonic()
         self.stopped = False
 
     def resume(self) -> bool:
-        """Continue from ``checkpoint_dir`` when it holds a saved agent of this kind: policy, ``spent``, train state."""
+        """Continue from ``checkpoint_dir`` when it holds a saved agent of this kind: policy, ``spent``, train
+        state, after checking its files (:meth:`Agent.restore`). A damaged checkpoint, or one of a learning
+        agent without its ``train_state.pt`` (the optimizer and random state), is refused, not half-resumed."""
         agent, ckpt = self.agent, self.checkpoint_dir
-        if ckpt is None or not (ckpt / CONFIG_FILE).exists():
+        if ckpt is None or not ckpt.exists():
             return False
+        if not (ckpt / CONFIG_FILE).exists():
+            if ckpt.is_dir() and not any(ckpt.iterdir()):
+                return False
+            raise AgentError(f"{ckpt} is not a checkpoint (no {CONFIG_FILE}; a damaged one, or another directory): a "
+                             f"run's first save would replace it; {_delete_hint(ckpt)}, or use another checkpoint_dir.")
         meta = read_agent_config(ckpt)
         if meta["agent"] != agent.name:
             raise AgentError(f"{ckpt} holds a {meta['agent']!r} checkpoint, not {agent.name!r}; use another checkpoint_dir.")
@@ -428,12 +485,12 @@ class TrainingRun:
         if changed:
             warnings.warn(f"{agent.name}: resuming {ckpt} with changed hyperparameters {changed}; the new values apply.",
                           stacklevel=3)
-        from .policy import CausalLMPolicy
-
-        if (ckpt / "policy").exists():
-            agent.policy = CausalLMPolicy.from_pretrained(ckpt / "policy", device=agent.device)
-        agent.spent = int(meta.get("spent", 0))
-        agent.load_extra(ckpt)
+        spent = int(meta.get("spent", 0))
+        if (meta.get("format") == 1 and isinstance(agent, TrainingAgent) and spent > 0
+                and not (ckpt / TRAIN_STATE_FILE).exists()):  # format 2 lists it: restore() checks
+            raise AgentError(f"{ckpt} has trained {spent} completions but holds no {TRAIN_STATE_FILE} (the optimizer and "
+                             f"random state), so the run cannot continue exactly; {_delete_hint(ckpt)}.")
+        agent.restore(ckpt, meta)
         self._last_saved = agent.spent
         return True
 
@@ -465,7 +522,9 @@ class TrainingRun:
                 self._writer = SummaryWriter(str(self.log_dir))
             for k, v in metrics.items():
                 self._writer.add_scalar(f"{agent.name}/{k}", float(v), agent.spent)
-        if self.checkpoint_every is not None and agent.spent - self._last_saved >= self.checkpoint_every:
+        if self.checkpoint_dir is not None and (
+                (self.checkpoint_every is not None and agent.spent - self._last_saved >= self.checkpoint_every)
+                or time.monotonic() - self._last_save_time >= self.checkpoint_seconds):
             self.save()
         if self.callback is not None and self.callback(agent, dict(metrics, spent=agent.spent)) is False:
             self.stopped = True
@@ -475,6 +534,7 @@ class TrainingRun:
         if self.checkpoint_dir is not None:
             self.agent.save(self.checkpoint_dir)
             self._last_saved = self.agent.spent
+            self._last_save_time = time.monotonic()
 
     def close(self, save: bool = True) -> None:
         """Final checkpoint (also after a callback stop, so an early stop is kept), flush logs."""

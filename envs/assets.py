@@ -109,6 +109,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _umask_modes(root: Path) -> None:
+    """Give ``root`` and everything under it the modes ``mkdir``/``open`` would (0777/0666 less the umask;
+    files with an owner execute bit keep it)."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(Path(dirpath) / name, 0o777 & ~mask)
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.stat().st_mode & 0o100 else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` so readers see either the old file or the complete new one.
 
@@ -121,7 +148,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     try:
         mode = path.stat().st_mode & 0o777  # keep the permissions of the file we replace
     except FileNotFoundError:
-        mode = 0o644  # mkstemp creates 0600; shipped assets must be readable by everyone
+        mode = 0o666 & ~_umask()  # mkstemp creates 0600; a new file gets the mode open() would give it
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
@@ -167,7 +194,7 @@ def atomic_save_dir(target_dir: str | os.PathLike[str]) -> Iterator[Path]:
         raise
     old: Path | None = None
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; installed assets must be world-readable
+        _umask_modes(tmp)  # mkdtemp creates 0700 and some writers (safetensors) 0600 files
         if target.exists() or target.is_symlink():
             old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
             os.rename(target, old)

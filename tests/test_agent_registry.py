@@ -67,8 +67,12 @@ def test_register_by_hand_save_and_load(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(CUSTOM_AGENT, namespace)
     agents.register("my-greedy-2", namespace["Greedy"])
-    with pytest.raises(AgentError, match="already registered"):
-        agents.register("my-greedy-2", namespace["Greedy"])
+    agents.register("my-greedy-2", namespace["Greedy"])  # the same class again (e.g. a module imported twice): a no-op
+    with pytest.raises(AgentError, match=r"'my-greedy-2' is already registered \(\S*:Greedy\); cannot register "
+                                         r"rlhfgym.agents.best_of_n:BestOfN under the same name"):
+        agents.register("my-greedy-2", agents.agent_class("best-of-n"))
+    with pytest.raises(AgentError, match="a subclass of rlhfgym.agents.Agent"):
+        agents.register("not-an-agent", dict)
     agent = agents.make("my-greedy-2", temperature=0.5)
     agent.learn(gym.make("RLHF-Summarize-Gold-v0"), budget=2)
     agent.save(tmp_path / "a")
@@ -83,6 +87,8 @@ def test_register_by_hand_save_and_load(tmp_path, monkeypatch):
 def test_bad_budget_unknown_agent_and_foreign_checkpoint(tmp_path):
     with pytest.raises(AgentError, match="unknown agent 'nope'"):
         agents.make("nope")
+    with pytest.raises(AgentError, match=r"unknown agent 'rlo' \(did you mean 'rloo'"):
+        agents.make("rlo")
     (tmp_path / "agent.json").write_text(json.dumps({"format": 99, "agent": "ppo", "config": {}}))
     with pytest.raises(AgentError, match="format 99"):
         agents.load(tmp_path)

@@ -26,15 +26,22 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 PROG = "rlhf-zoo"
 USER_ERROR_EXIT = 2
 SPLITS = ("train", "validation", "test")  # = rlhfgym.envs.tasks.base.SPLITS, repeated to keep --help light
 DEFAULT_ASSET_VERSION = "micro-v0"  # = rlhfgym.envs.assets.DEFAULT_VERSION
+IMPORT_HELP = ("import a Python module first (a dotted name importable from the current directory, or a path to a "
+               ".py file), e.g. one that registers a custom agent with rlhfgym.agents.register(); repeatable")
+#: a number in scientific notation without a dot (``1e-4``), which YAML 1.1 reads as a string
+SCIENTIFIC = re.compile(r"[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+")
 
 
 class CLIError(Exception):
@@ -84,6 +91,13 @@ def device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def comma_list(text: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
@@ -104,6 +118,9 @@ def common_options() -> argparse.ArgumentParser:
     """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    # its own dest: a subparser's value would replace, not extend, the `--import` given before the command
+    common.add_argument("--import", dest="more_imports", action="append", default=argparse.SUPPRESS, metavar="MODULE",
+                        help=IMPORT_HELP)
     return common
 
 
@@ -125,18 +142,93 @@ def load_impl(module: str, attr: str) -> Callable[..., Any]:
 
 
 def check_env_id(env_id: str) -> None:
-    """Fail early, with suggestions, on an env id that no imported package registered."""
+    """Fail early, with suggestions, on an env id that no imported package registered, or that is
+    not an rlhf-gym env (e.g. ``CartPole-v1``: the zoo's agents need the RLHF token MDP)."""
     import gymnasium as gym
 
     import rlhfgym.envs  # noqa: F401  (importing registers the RLHF-* ids)
 
-    if env_id in gym.registry:
-        return
     ours = sorted(k for k, spec in gym.registry.items() if str(spec.entry_point).startswith("rlhfgym"))
-    close = difflib.get_close_matches(env_id, list(gym.registry), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     listed = ", ".join(ours) if ours else "none are registered (is rlhfgym.envs installed correctly?)"
+    if env_id in ours:
+        return
+    if env_id in gym.registry:
+        raise CLIError(f"{env_id!r} is not an rlhf-gym environment; {PROG} plays and trains language-model agents on "
+                       f"the RLHF token MDP: use one of {listed}.")
+    close = difflib.get_close_matches(env_id, ours, n=1) or difflib.get_close_matches(env_id, list(gym.registry), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise CLIError(f"unknown environment id {env_id!r}.{hint} rlhf-gym environments: {listed}.")
+
+
+def check_agent(name: str, imports: Sequence[str] = ()) -> None:
+    """Fail early, with the closest names, on an agent name nothing registered; import a registered one
+    (a broken entry point fails here too)."""
+    from rlhfgym.agents import agent_class, registered
+
+    known = registered()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        fix = (f"none of --import {', '.join(imports)} registered it: call rlhfgym.agents.register({name!r}, YourAgent) "
+               "in one of them" if imports else
+               f"for your own agent, call rlhfgym.agents.register({name!r}, YourAgent) in a module and pass "
+               "--import MODULE (or declare an 'rlhfgym.agents' entry point)")
+        raise CLIError(f"unknown agent {name!r}.{hint} Known agents: {', '.join(known)}; {fix}.")
+    agent_class(name)
+
+
+def import_modules(specs: Sequence[str]) -> None:
+    """Import each of ``specs`` (``--import``): a dotted module name, looked up from the current
+    directory and ``sys.path``, or a path to a ``.py`` file (imported under its file name, with its
+    directory put on ``sys.path`` so it can import its neighbours). Idempotent."""
+    for spec in specs:
+        path = Path(spec).expanduser()
+        is_path = spec.endswith(".py") or os.sep in spec or (os.altsep is not None and os.altsep in spec)
+        try:
+            if is_path:
+                _import_file(spec, path)
+            else:
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())  # as `python -m` does; the console script does not
+                try:
+                    importlib.import_module(spec)
+                except ModuleNotFoundError as e:
+                    if e.name is None or not (spec == e.name or spec.startswith(e.name + ".")):
+                        raise
+                    raise CLIError(f"--import {spec}: no module named {e.name!r} (from {os.getcwd()} or sys.path); "
+                                   "install it, add its directory to PYTHONPATH, or pass the path to its .py file.") from None
+        except CLIError:
+            raise
+        except SyntaxError as e:
+            raise CLIError(f"--import {spec}: syntax error in {e.filename}, line {e.lineno}: {e.msg}.") from e
+        except Exception as e:
+            raise CLIError(f"--import {spec}: importing it raised {type(e).__name__}: {e} "
+                           "(run with --debug for the traceback).") from e
+
+
+def _import_file(spec: str, path: Path) -> None:
+    import importlib.util
+
+    if not path.is_file() or path.suffix != ".py":
+        raise CLIError(f"--import {spec}: no such .py file; give the path to a Python file or a dotted module name.")
+    path = path.resolve()
+    name = path.stem
+    loaded = sys.modules.get(name)
+    if loaded is not None:
+        if getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == path:
+            return
+        raise CLIError(f"--import {spec}: a module named {name!r} is already imported (from "
+                       f"{getattr(loaded, '__file__', None) or 'built in'}); rename your file.")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # before running it: its classes' __module__ must resolve (pickling, load())
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,11 +238,13 @@ def check_env_id(env_id: str) -> None:
 
 def _play_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("env_id", help="environment id, e.g. RLHF-Summarize-Gold-v0")
-    p.add_argument("--n", type=positive_int, default=1, help="number of prompts to play (default: 1)")
+    p.add_argument("--n", type=positive_int, default=1,
+                   help="number of prompts to play (default: 1); above 10, the first 3 are shown, then a progress bar and the means")
     p.add_argument("--split", choices=SPLITS, default="test", help="prompt split (default: test)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0,
+                   help="sampling temperature; 0 is greedy (default: 1.0)")
 
 
 def _play(args: argparse.Namespace) -> Any:
@@ -230,12 +324,21 @@ def _bench(args: argparse.Namespace) -> Any:
 
 
 def _hp_override(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is read as YAML (``0.1``, ``true``, ``null``, ``[0, 0.5]``), ``1e-4`` as a number."""
     key, sep, value = text.partition("=")
+    key = key.strip()
     if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--hp takes key=value, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--hp takes key=value, e.g. learning_rate=1e-4, got {text!r}")
+    if key in ("seed", "device"):
+        raise argparse.ArgumentTypeError(f"{key} is not a hyperparameter here; use --{key}")
+    if SCIENTIFIC.fullmatch(value.strip()):
+        return key, float(value)
     import yaml
 
-    return key, yaml.safe_load(value)
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"the value of {key} is not valid YAML ({one_line(e)}); quote a string") from None
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -251,10 +354,59 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> Any:
+    check_agent(args.algo, imported_modules(args))  # before anything is built
     check_env_id(args.env_id)
     train = load_impl("rlhfgym.zoo.train", "train")
     return train(args.algo, args.env_id, budget=args.budget, seed=args.seed, device=args.device,
                  run_dir=args.run_dir, eval_n=args.eval_n, overrides=dict(args.hp))
+
+
+# --------------------------------------------------------------------------------------------
+# eval, leaderboard, benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory written by `rlhf-zoo train` or `rlhf-zoo benchmark`")
+    p.add_argument("--split", choices=SPLITS, default="test", help="prompts to evaluate on (default: test)")
+    p.add_argument("--prompts", type=positive_int, default=200, help="number of prompts, the split's first (default: 200)")
+    p.add_argument("--samples", type=positive_int, default=1, help="completions per prompt (default: 1)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature; 0 is greedy (default: 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="evaluation seed (default: 0)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: the run's device)")
+
+
+def _eval(args: argparse.Namespace) -> Any:
+    evaluate_run = load_impl("rlhfgym.zoo.evaluate", "evaluate_run")
+    return evaluate_run(args.run_dir, split=args.split, prompts=args.prompts, samples=args.samples,
+                        temperature=args.temperature, seed=args.seed, device=args.device)
+
+
+def _leaderboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs_dir", help="a directory holding run directories (searched recursively for eval.json)")
+    p.add_argument("--out", default=None, help="where leaderboard.md/.csv and the plots go (default: RUNS_DIR)")
+
+
+def _leaderboard(args: argparse.Namespace) -> Any:
+    write_leaderboard = load_impl("rlhfgym.zoo.leaderboard", "write_leaderboard")
+    return write_leaderboard(args.runs_dir, out_dir=args.out)
+
+
+def _benchmark_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a registered benchmark, e.g. summarize-quick (rlhfgym.zoo.benchmark.registered() lists them)")
+    p.add_argument("--agents", type=comma_list, default=None, help="comma-separated agents (default: the benchmark's)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds 0..N-1 (default: the benchmark's)")
+    p.add_argument("--budget", type=positive_int, default=None, help="completions per run (default: the benchmark's budgets)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local", help="run locally one by one, or as Ray tasks")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--out", default="runs", help="output directory (default: runs/); runs go to OUT/NAME/...")
+
+
+def _benchmark(args: argparse.Namespace) -> Any:
+    run_benchmark = load_impl("rlhfgym.zoo.benchmark", "run_benchmark")
+    return run_benchmark(args.name, agents=args.agents, seeds=args.seeds, budget=args.budget, device=args.device,
+                         backend=args.backend, address=args.address, out=args.out)
 
 
 COMMANDS: list[Command] = [
@@ -262,7 +414,11 @@ COMMANDS: list[Command] = [
     Command("build-assets", "rebuild the frozen assets (tokenizer, SFT policy, reward model)", _build_assets_args, _build_assets),
     Command("bench", "measure throughput", _bench_args, _bench),
     Command("train", "train one agent on one env and evaluate it against SFT", _train_args, _train),
-    # later: Command("leaderboard", ...), Command("plot", ...)
+    Command("eval", "evaluate a run: reward, gold, KL, win rate against SFT, diversity (writes eval.json)", _eval_args, _eval),
+    Command("leaderboard", "tables (mean and 95% CI over seeds, Bradley-Terry ratings) and plots of many runs",
+            _leaderboard_args, _leaderboard),
+    Command("benchmark", "run a registered benchmark (every agent x env x budget x seed), then its leaderboard",
+            _benchmark_args, _benchmark),
 ]
 
 
@@ -288,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=IMPORT_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=[common_options()])
+        # argparse %-formats help strings ("95% CI" would break --help)
+        p = sub.add_parser(cmd.name, help=cmd.help.replace("%", "%%"), description=cmd.help, parents=[common_options()])
         cmd.add_arguments(p)
         p.set_defaults(run=cmd.run)
     return parser
@@ -304,6 +462,11 @@ def is_user_error(exc: BaseException) -> bool:
     if gym_error is not None and isinstance(exc, gym_error):
         return True
     return any(getattr(cls, "__module__", "").startswith("rlhfgym.") for cls in type(exc).__mro__)
+
+
+def imported_modules(args: argparse.Namespace) -> list[str]:
+    """The ``--import`` modules, given before and after the command."""
+    return [*getattr(args, "imports", []), *getattr(args, "more_imports", [])]
 
 
 def one_line(exc: BaseException) -> str:
@@ -323,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        import_modules(imported_modules(args))
         _quiet_model_loading()
         args.run(args)
     except KeyboardInterrupt:
