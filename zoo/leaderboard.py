@@ -328,7 +328,9 @@ def markdown(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def csv_text(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
+def csv_text(rows: Sequence[dict[str, Any]], fits: dict[str, Any], root: str | os.PathLike | None = None) -> str:
+    """The leaderboard as CSV; run dirs are written relative to ``root`` (the runs dir) when given,
+    so a committed table names no machine's paths."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     head = ["env_id", "algo", "budget", *(f"eval_{k}" for k in PROTOCOL_KEYS), "n_seeds", "seeds"]
@@ -348,7 +350,8 @@ def csv_text(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
             stat = r["metrics"][m]
             cells += ["" if stat["mean"] is None else repr(stat["mean"]), "" if stat["ci"] is None else repr(stat["ci"])]
         cells += ["" if r["sft"][m]["mean"] is None else repr(r["sft"][m]["mean"]) for m in ("gold", "proxy")]
-        cells += [*bt, " ".join(r["runs"])]
+        runs = [os.path.relpath(d, root) if root is not None else d for d in r["runs"]]
+        cells += [*bt, " ".join(runs)]
         writer.writerow(cells)
     return buf.getvalue()
 
@@ -370,7 +373,7 @@ def write_leaderboard(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | 
     fits = bradley_terry(records)
     paths = {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv"}
     atomic_write_text(paths["md"], markdown(rows, fits))
-    atomic_write_text(paths["csv"], csv_text(rows, fits))
+    atomic_write_text(paths["csv"], csv_text(rows, fits, root=runs_dir))
     paths["frontier"] = plot_frontier(records, out / "frontier.png")
     curves = []
     for r in tqdm(records, desc="training curves", unit="run", disable=not progress):
