@@ -216,3 +216,49 @@ def test_a_broken_entry_point_is_a_clear_error(plugin):
         agents.agent_class("my-agent")
     with pytest.raises(AgentError, match="no_such_module_xyz"):
         agents.make("gone")
+
+
+@pytest.mark.slow
+def test_an_installed_package_agent_runs_in_benchmark_and_leaderboard(tmp_path):
+    """A real package with an ``rlhfgym.agents`` entry point, built and installed in the test (into a
+    private target dir, so the shared environment is untouched), shows up in ``rlhf-zoo benchmark``
+    and in its leaderboard like a built-in agent, without any --import."""
+    pkg = tmp_path / "pkg"
+    (pkg / "tiny_agent_pkg").mkdir(parents=True)
+    (pkg / "tiny_agent_pkg" / "__init__.py").write_text(MY_AGENT.replace('register("my-agent", MeanReward)\n', "")
+                                                         .replace('name = "my-agent"', 'name = "tiny-agent"'))
+    (pkg / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=68"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "tiny-agent-pkg"
+        version = "0.0.1"
+
+        [project.entry-points."rlhfgym.agents"]
+        tiny-agent = "tiny_agent_pkg:MeanReward"
+    """))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(site), str(pkg)], check=True)
+    spec = tmp_path / "tiny-bench.yml"
+    spec.write_text(textwrap.dedent("""
+        description: one custom agent from an installed package and one built-in
+        envs: [RLHF-Summarize-Gold-v0]
+        agents: [tiny-agent, best-of-n]
+        budgets: {default: [8]}
+        seeds: 1
+        eval: {split: test, prompts: 4, samples: 1, temperature: 1.0}
+        hyperparams: {best-of-n: {n: 2}}
+    """))
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    out = tmp_path / "runs"
+    subprocess.run([*zoo_command(), "benchmark", str(spec), "--out", str(out)], check=True, env=env,
+                   capture_output=True, text=True)
+    boards = list(out.glob("*/leaderboard.md"))
+    assert len(boards) == 1, list(out.rglob("*"))
+    board = boards[0].read_text()
+    assert "| tiny-agent |" in board and "| best-of-n |" in board, board
+    evals = sorted(p.relative_to(out).parts[2] for p in out.glob("*/*/*/*/*/eval.json"))
+    assert evals == ["best-of-n", "tiny-agent"], evals
