@@ -92,6 +92,11 @@ def test_leaderboard_tables_ratings_and_plots(tmp_path):
     md = paths["md"].read_text()
     assert "0.300 ± 0.657" in md and "0.800 (n=1)" in md
     assert "Bradley-Terry ratings, RLHF-Summarize-Gold-v0" in md and "good@64" in md
+    # each env opens with the compact table (agents by gold), then every metric
+    summary = md[md.index("## RLHF-Summarize-Gold-v0"):md.index("### All metrics, RLHF-Summarize-Gold-v0")]
+    assert "| agent | budget | T | seeds | gold | proxy reward | KL | win rate vs SFT (labelers) | BT strength |" in summary
+    agents_in_order = [line.split(" | ")[0].strip("| ") for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert agents_in_order[0] == "good" and agents_in_order[-1] == "bad" and "mid" in agents_in_order, agents_in_order
     for name in ("frontier", "curves"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert paths[name].stat().st_size > 20_000  # axes, labels, points: not an empty canvas

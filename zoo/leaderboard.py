@@ -291,6 +291,10 @@ def _protocol_text(p: dict[str, Any]) -> str:
     return f"{p['split']}, {p['prompts']} prompts × {p['samples']}, T={p['temperature']:g}, seed {p['seed']}"
 
 
+#: the columns of each env's first, compact table
+SUMMARY_METRICS = ("gold", "proxy", "kl", "win_rate_labelers")
+
+
 def markdown(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
     lines = ["# rlhf-gym leaderboard", "",
              "Mean ± 95% confidence interval over seeds (Student t); `(n=1)`: one seed, no interval. "
@@ -306,9 +310,20 @@ def markdown(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
         if fit is not None:
             strength = {name: (fit.strengths[k], fit.se[k]) for k, name in enumerate(fit.names)}
         lines += [f"## {env_id}", ""]
+        order = sorted(env_rows, key=lambda r: -(r["metrics"]["gold"]["mean"] or -math.inf))
+        # the columns people compare first (the README quotes this table); every metric follows
+        summary = [m for m in SUMMARY_METRICS if m in metrics]
+        head = ["agent", "budget", "T", "seeds", *(TITLES[m] for m in summary), "BT strength"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in order:
+            bt = strength.get(agent_label(r))
+            lines.append("| " + " | ".join([
+                r["algo"], str(r["budget"]), f"{r['protocol']['temperature']:g}", str(len(r["seeds"])),
+                *(_cell(r["metrics"][m]) for m in summary),
+                f"{bt[0]:.2f} ± {bt[1]:.2f}" if bt else "–"]) + " |")
+        lines += ["", f"### All metrics, {env_id}", ""]
         head = ["agent", "budget", "protocol", "seeds", *(TITLES[m] for m in metrics), "BT strength"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        order = sorted(env_rows, key=lambda r: -(r["metrics"]["gold"]["mean"] or -math.inf))
         for r in order:
             bt = strength.get(agent_label(r))
             lines.append("| " + " | ".join([

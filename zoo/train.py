@@ -8,11 +8,14 @@ the end, checked by sha256 before a resume), ``tb/`` (TensorBoard), ``results.js
 Rerunning the same command resumes a killed run exactly, or returns a finished run's result; a
 rerun with another identity, or a second ``train`` while one holds ``.lock``, is refused.
 
-Evaluation (:func:`evaluate_policy`, by the protocol of :mod:`rlhfgym.envs.evaluation`) samples one
-completion per test prompt at temperature 1 and reports the mean gold score, the mean reward-model
-score and the mean sequence KL to the reference, ``KL = E_y~pi[ log pi(y|x) − log pi_ref(y|x) ]``
-(a Monte-Carlo estimate, summed over tokens). Any agent with a ``policy`` (a :class:`~rlhfgym.agents.policy.CausalLMPolicy`) and a
-``generate`` method is evaluated the same way; custom agents included.
+At the end a run is evaluated by :func:`rlhfgym.zoo.evaluate.evaluate_agent`, the code path of
+``rlhf-zoo eval`` (one completion per test prompt at temperature 1, evaluation seed 0 for every
+run, so seeds of one agent share a protocol): ``eval.json`` holds the mean gold score, the mean
+reward-model score, the Monte-Carlo sequence KL to the reference ``E_y~pi[log pi(y|x) − log
+pi_ref(y|x)]`` with its standard error, win rates against pi_ref and diversity, and
+``completions.jsonl`` the completions. Any agent with a ``policy`` (a
+:class:`~rlhfgym.agents.policy.CausalLMPolicy`) and a ``generate`` method is evaluated the same way,
+custom agents included.
 """
 
 from __future__ import annotations
