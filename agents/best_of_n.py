@@ -85,13 +85,17 @@ class BestOfN(Agent):
 
     def generate(self, prompts: Sequence[str], *, temperature: float | None = None,
                  max_new_tokens: int | None = None) -> list[str]:
-        """For each prompt, the best of ``n`` sampled completions by the reward model."""
+        """For each prompt, the best of ``n`` sampled completions by the reward model. At
+        ``temperature=0`` the ``n`` candidates would all be the greedy completion, so that one is
+        returned (no sampling, no reward-model call)."""
         if self.policy is None or self.score_fn is None:
             raise AgentError("best-of-n: no reward model yet; call learn(env, budget) (or set_reward(score_fn)) first.")
         n = self.config["n"]
         temperature = self.config["temperature"] if temperature is None else temperature
+        if temperature == 0:
+            return self.policy.generate_text(list(prompts), temperature=0, max_new_tokens=max_new_tokens)
         if not temperature > 0:
-            raise AgentError(f"best-of-n: temperature must be > 0, got {temperature}.")
+            raise AgentError(f"best-of-n: temperature must be >= 0, got {temperature}.")
         out: list[str] = []
         bs = self.config["batch_size"]
         for s in range(0, len(prompts), bs):

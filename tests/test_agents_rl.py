@@ -144,6 +144,18 @@ def test_best_of_n_picks_the_top_score(env):
         assert len(text.split()) == min(len(c.split()) for c in cands[5 * i:5 * i + 5])
 
 
+def test_best_of_n_at_temperature_zero_is_the_greedy_completion(env):
+    """Evaluating at T=0 (a benchmark's greedy protocol): all n candidates would be the greedy one."""
+    prompts = env.unwrapped.prompts("validation", 3)
+    bon = BestOfN(n=4).learn(env, 1)
+    calls = []
+    bon.set_reward(lambda ps, cs: calls.append(len(cs)) or torch.zeros(len(cs)))
+    assert bon.generate(prompts, temperature=0) == bon.policy.generate_text(prompts, temperature=0)
+    assert calls == []  # nothing to choose between: the reward model is not asked
+    with pytest.raises(AgentError, match="temperature must be >= 0"):
+        bon.generate(prompts, temperature=-1.0)
+
+
 # ---------------------------------------------------------------------------------------- math
 def test_gae_matches_a_direct_sum():
     torch.manual_seed(0)
