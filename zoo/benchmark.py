@@ -341,9 +341,9 @@ def _known_agents() -> list[str]:
 def _check_env_ids(envs: Sequence[str], where: str) -> None:
     import gymnasium as gym
 
-    import rlhfgym.envs  # noqa: F401  (importing registers the RLHF-* ids)
+    from rlhfgym.zoo.train import rlhf_env_ids
 
-    ours = sorted(k for k, spec in gym.registry.items() if str(spec.entry_point).startswith("rlhfgym"))
+    ours = rlhf_env_ids()
     for env_id in envs:
         if not isinstance(env_id, str) or env_id not in gym.registry:
             close = _closest(str(env_id), list(gym.registry))
@@ -536,33 +536,21 @@ def _evaluate_missing(run_dir: Path, protocols: list[Mapping[str, Any]], device:
 
 @contextlib.contextmanager
 def benchmark_lock(root: Path) -> Iterator[Path]:
-    """Hold ``root/.benchmark.lock`` (``fcntl.flock``, non-blocking) while a benchmark works on ``root``.
+    """Hold ``root/.benchmark.lock`` while a benchmark works on ``root`` (:func:`rlhfgym.zoo.train.exclusive_lock`).
 
     A second process fails at once with the holder's pid; the lock goes with the process (also when killed).
     """
-    import fcntl
+    from rlhfgym.zoo.train import exclusive_lock
 
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        try:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
-        finally:
-            os.close(fd)
-        raise BenchmarkError(
-            f"another benchmark process ({holder}) is working on {root} (it holds {path}); wait for it to finish or stop "
-            "it, or pass another --out."
-        ) from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+
+    def refuse(holder: str) -> BenchmarkError:
+        return BenchmarkError(f"another benchmark process ({holder or 'unknown pid'}) is working on {root} (it holds "
+                              f"{path}); wait for it to finish or stop it, or pass another --out.")
+
+    with exclusive_lock(path, f"pid {os.getpid()} on {socket.gethostname()}\n", refuse):
         yield path
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- backends

@@ -143,21 +143,9 @@ def load_impl(module: str, attr: str) -> Callable[..., Any]:
 
 def check_env_id(env_id: str) -> None:
     """Fail early, with suggestions, on an env id that no imported package registered, or that is
-    not an rlhf-gym env (e.g. ``CartPole-v1``: the zoo's agents need the RLHF token MDP)."""
-    import gymnasium as gym
-
-    import rlhfgym.envs  # noqa: F401  (importing registers the RLHF-* ids)
-
-    ours = sorted(k for k, spec in gym.registry.items() if str(spec.entry_point).startswith("rlhfgym"))
-    listed = ", ".join(ours) if ours else "none are registered (is rlhfgym.envs installed correctly?)"
-    if env_id in ours:
-        return
-    if env_id in gym.registry:
-        raise CLIError(f"{env_id!r} is not an rlhf-gym environment; {PROG} plays and trains language-model agents on "
-                       f"the RLHF token MDP: use one of {listed}.")
-    close = difflib.get_close_matches(env_id, ours, n=1) or difflib.get_close_matches(env_id, list(gym.registry), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise CLIError(f"unknown environment id {env_id!r}.{hint} rlhf-gym environments: {listed}.")
+    not an rlhf-gym env (e.g. ``CartPole-v1``: the zoo's agents need the RLHF token MDP); the check
+    is :func:`rlhfgym.zoo.train.check_rlhf_env_id`, the one ``train`` runs."""
+    load_impl("rlhfgym.zoo.train", "check_rlhf_env_id")(env_id)
 
 
 def check_agent(name: str, imports: Sequence[str] = ()) -> None:

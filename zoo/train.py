@@ -25,7 +25,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -333,29 +333,38 @@ def run_identity(algo: str, env_id: str, *, seed: int, budget: int, hyperparams:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``run_dir/.lock`` (``fcntl.flock``, non-blocking) for the block; a
-    second holder is refused at once with :class:`RunDirError`. The kernel drops the lock when the
-    process dies, so a killed run never leaves a stale lock behind."""
+def exclusive_lock(path: str | Path, owner: str, refuse: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if needed) for the block, with ``owner``
+    written into it. When another process holds it, raise ``refuse(text the holder wrote)`` at once.
+    The kernel drops the lock when the process dies, so a killed run never leaves a stale lock.
+    Without ``fcntl`` (not POSIX) there is no lock."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock
+    except ImportError:
         yield
         return
-    path = Path(run_dir) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = path.read_text().strip()
-            raise RunDirError(f"{run_dir} is in use by another `rlhf-zoo train`{f' (pid {holder})' if holder else ''}, "
-                              f"which holds {path}; wait for it to finish, or use another --run-dir.") from None
+            raise refuse(os.pread(fd, 200, 0).decode(errors="replace").strip()) from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.pwrite(fd, owner.encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``run_dir/.lock`` for the block; a second ``train`` on the run dir gets :class:`RunDirError`."""
+    path = Path(run_dir) / LOCK_FILE
+
+    def refuse(holder: str) -> RunDirError:
+        return RunDirError(f"{run_dir} is in use by another `rlhf-zoo train`{f' (pid {holder})' if holder else ''}, "
+                           f"which holds {path}; wait for it to finish, or use another --run-dir.")
+
+    return exclusive_lock(path, str(os.getpid()), refuse)
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any] | None:
