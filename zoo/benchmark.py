@@ -56,7 +56,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent / "benchmarks"
 ENTRY_POINT_GROUP = "rlhfgym.benchmarks"
@@ -382,15 +381,14 @@ def registered() -> list[str]:
 
 
 def _read_yaml(path: Path, name: str) -> Benchmark:
+    from rlhfgym.zoo.train import load_yaml  # the zoo's one YAML reader (1e-4 is a number; errors name file and line)
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path)
     except OSError as e:
         raise BenchmarkError(f"cannot read benchmark file {path}: {e.strerror or e}.") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise BenchmarkError(f"{path}: not valid YAML{at}: {problem}; fix the file.") from None
+    except ValueError as e:
+        raise BenchmarkError(str(e)) from None
     return Benchmark.from_dict(name, data, source=str(path))
 
 
