@@ -41,7 +41,7 @@ COMPLETIONS_FILE = "completions.jsonl"
 RESULTS_FILE = "results.json"
 #: the evaluation seed of every run rlhf-zoo trains (and `rlhf-zoo eval`'s default)
 EVAL_SEED = 0
-#: prompts per sampling call; = evaluate_policy's, so the SFT row matches the asset build's report
+#: prompts per sampling call; = the asset build's report's default, so its SFT row is the zoo's
 BATCH_SIZE = 100
 #: the labeler population that judges win rates (and the leaderboard's pairwise comparisons)
 LABELERS = "alpacafarm"

@@ -31,7 +31,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 HYPERPARAMS = Path(__file__).resolve().parent / "hyperparams"
@@ -114,40 +113,6 @@ def load_hyperparams(algo: str, env_id: str) -> dict[str, Any]:
             raise ValueError(f"{path}: entry {key!r} must be a mapping of hyperparameter names to values.")
         merged.update(entry)
     return merged
-
-
-@torch.no_grad()
-def evaluate_policy(env, policy, n: int = 200, split: str = "test", batch_size: int = 100, seed: int = 0,
-                    generate=None, kl: float | None = None) -> dict:
-    """Mean gold, RM score and sequence KL(π‖π_ref) of ``policy``'s samples on the first ``n`` prompts of ``split``.
-
-    The protocol is :func:`rlhfgym.envs.evaluation.evaluate_samples` (seeding, batches, scoring):
-    ``policy.model`` is sampled at temperature 1 with the policy's window, so the SFT row equals the
-    ``sft_sampled_t1`` of the asset build's report for the same ``n``, seed and batch size. The KL
-    is ``log π(y|x) − log π_ref(y|x)`` of each sample, summed over its tokens, averaged.
-    Agents whose outputs are not plain samples of their policy (best-of-n) pass their ``generate``
-    and the KL they know analytically instead.
-    """
-    from rlhfgym.envs.evaluation import evaluate_samples, lm_sampler
-
-    core = env.unwrapped
-    prompts = core.prompts(split, n)
-    if generate is not None:
-        ev = evaluate_samples(lambda ps, t: generate(ps, temperature=t), prompts, core.gold, reward=core.score,
-                              batch_size=batch_size, seed=seed)
-    else:
-        ref = core.reference_model
-
-        def sequence_kl(ps, roll):
-            ref_lp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
-            return (roll.logprobs - ref_lp).sum(-1).tolist()
-
-        sample = lm_sampler(policy.model, policy.tokenizer, max_new_tokens=policy.max_new_tokens,
-                            max_prompt_tokens=policy.max_prompt_tokens)
-        ev = evaluate_samples(sample, prompts, core.gold, reward=core.score, batch_size=batch_size, seed=seed,
-                              measures={"kl": sequence_kl})
-        kl = ev["kl"]
-    return {"gold": ev["gold"], "rm": ev["reward"], "kl": kl, "n": n, "split": split}
 
 
 def train(algo: str, env_id: str, budget: int | None = None, seed: int = 0, device: str = "cpu",
