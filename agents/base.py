@@ -410,10 +410,29 @@ def check_constructor(name: str, cls: type[Agent], keywords) -> None:
                          f"{name} takes {takes}.")
 
 
+def check_learn(name: str, cls: type[Agent]) -> None:
+    """Raise :class:`AgentError` unless ``agent.learn(env, budget, callback)`` can bind: the zoo passes the
+    callback that logs, checkpoints and stops a run, so an agent that cannot take it cannot run in the zoo."""
+    import inspect
+
+    try:
+        inspect.signature(cls.learn).bind(None, "env", 1, None)
+    except TypeError:
+        raise AgentError(
+            f"agent {name!r} ({_qualified(cls)}): learn{inspect.signature(cls.learn)} cannot be called as "
+            "learn(env, budget, callback); declare def learn(self, env, budget, callback=None, **kw) and call "
+            "callback(self, info) after each update (see Agent.learn)."
+        ) from None
+    except ValueError:  # no introspectable signature: let the call itself decide
+        return
+
+
 def make(name: str, **hyperparams: Any) -> Agent:
-    """Create a registered agent by name with its hyperparameters (checked against its constructor first)."""
+    """Create a registered agent by name with its hyperparameters (checked against its constructor and
+    its ``learn`` signature first)."""
     cls = agent_class(name)
     check_constructor(name, cls, hyperparams)
+    check_learn(name, cls)
     return cls(**hyperparams)
 
 

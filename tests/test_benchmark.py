@@ -75,7 +75,7 @@ def test_unknown_agent_names_the_closest_and_the_file(tmp_path):
 @pytest.mark.parametrize("text, expected", [
     ("envs: [RLHF-Summarize-v0]\nbudget: [256]\n", r"unknown key 'budget'.*'budgets'"),
     ("envs: [RLHF-Summarize-v0]\neval: {promts: 10}\n", r"eval: unknown key 'promts'.*'prompts'"),
-    ("envs: [RLHF-Sumarize-v0]\n", r"unknown env id 'RLHF-Sumarize-v0'.*'RLHF-Summarize-v0'"),
+    ("envs: [RLHF-Sumarize-v0]\n", r"unknown environment id 'RLHF-Sumarize-v0'.*'RLHF-Summarize-v0'"),
     ("agents: [ppo]\n", r"missing 'envs'"),
     ("envs: [RLHF-Summarize-v0]\nbudgets: [0]\n", r"budgets of 'default' must be positive whole numbers"),
     ("envs: [RLHF-Summarize-v0]\nbudgets: [1.5]\n", r"budgets of 'default' must be positive whole numbers"),
@@ -111,8 +111,11 @@ def test_a_broken_registered_file_names_the_file(tmp_path, monkeypatch):
 
 
 def test_the_dataclass_validates_too():
-    with pytest.raises(BenchmarkError, match=r"unknown env id 'CartPole-v2'.*'CartPole-v1'"):
-        Benchmark(name="x", envs=("CartPole-v2",))
+    with pytest.raises(BenchmarkError, match=r"unknown environment id 'RLHF-Sumarize-v0' \(did you mean 'RLHF-Summarize-v0'"):
+        Benchmark(name="x", envs=("RLHF-Sumarize-v0",))
+    # a gymnasium id that is not an RLHF env is refused before any run starts, not per run
+    with pytest.raises(BenchmarkError, match=r"'CartPole-v1' is not an rlhf-gym environment.*RLHF-Summarize-v0"):
+        Benchmark(name="x", envs=("CartPole-v1",))
     with pytest.raises(BenchmarkError, match=r"unknown agent 'best-of'.*'best-of-n'"):
         Benchmark(name="x", envs=("RLHF-Summarize-v0",), agents=("best-of",))
 
@@ -140,9 +143,14 @@ def test_runs_expand_env_agent_budget_seed_in_that_order(tmp_path):
     assert Path(r.run_dir) == tmp_path / "out" / "tiny" / "RLHF-Summarize-v0" / "best-of-n" / "b1" / "seed1"
     assert r.overrides == {"n": 4} and runs[0].overrides == {}
     assert [p["temperature"] for p in r.protocols] == [1.0, 0.0]
-    # the evaluation seed is train's (0) for every run, unless the YAML says `seed: null` (the run's)
-    assert r.protocols[0] == {"split": "test", "prompts": 50, "samples": 1, "temperature": 1.0, "seed": 0}
-    assert bm.EvalProtocol(seed=None).for_run(5)[0]["seed"] == 5
+    # the evaluation seed is each run's own (train's protocol), unless the YAML names one for every run
+    assert r.protocols[0] == {"split": "test", "prompts": 50, "samples": 1, "temperature": 1.0, "seed": 1}
+    assert bm.EvalProtocol(seed=7).for_run(5)[0]["seed"] == 7
+    fixed = load_benchmark(write_yaml(tmp_path, "envs: [RLHF-Summarize-v0]\neval: {seed: 7}\n", name="fixed"))
+    assert {r.protocols[0]["seed"] for r in fixed.runs(tmp_path / "out", seeds=3)} == {7}
+    assert fixed.to_dict()["eval"]["seed"] == 7 and bench.to_dict()["eval"]["seed"] == "run"
+    with pytest.raises(BenchmarkError, match=r"seed must be 'run' \(each run's own seed\) or an integer >= 0; got 'own'"):
+        load_benchmark(write_yaml(tmp_path, "envs: [RLHF-Summarize-v0]\neval: {seed: own}\n", name="bad"))
     # the command line's --agents, --seeds and --budget replace the benchmark's
     few = bench.runs(tmp_path / "out", agents=["rloo"], seeds=3, budget=32)
     assert [(r.env_id, r.agent, r.budget, r.seed) for r in few] == \
@@ -191,8 +199,8 @@ class Fakes:
                 (out / "agent").mkdir(parents=True, exist_ok=True)
                 raise RuntimeError(f"{algo} was killed")
             (out / "results.json").write_text(json.dumps({"algo": algo, "env_id": env_id, "budget": budget, "seed": seed}))
-            # train's own evaluation: eval_n test prompts, one sample each at temperature 1, seed 0 for every run
-            p = {"split": "test", "prompts": eval_n, "samples": 1, "temperature": 1.0, "seed": 0}
+            # train's own evaluation: eval_n test prompts, one sample each at temperature 1, the run's seed
+            p = {"split": "test", "prompts": eval_n, "samples": 1, "temperature": 1.0, "seed": seed}
             (out / "eval.json").write_text(json.dumps({"protocol": p, "gold": 0.5 + seed}))
             (out / "completions.jsonl").write_text("train\n")
             return {"algo": algo}
@@ -259,7 +267,7 @@ def test_finished_runs_are_skipped_stale_ones_reevaluated_killed_ones_resumed(tm
                       name="two")
     out = tmp_path / "runs"
     root = out / "two" / "RLHF-Summarize-Gold-v0"
-    want = {"split": "test", "prompts": 4, "samples": 1, "temperature": 1.0, "seed": 0}
+    want = {"split": "test", "prompts": 4, "samples": 1, "temperature": 1.0, "seed": 3}
     # sft: finished (a valid eval.json whose protocol matches); rloo: trained, evaluated on other prompts;
     # ppo: its eval.json is corrupt and it has no results; dpo: nothing yet
     for agent in ("sft", "rloo", "ppo"):

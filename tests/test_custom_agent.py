@@ -128,6 +128,20 @@ def test_a_constructor_without_device_and_seed_is_a_clear_error(monkeypatch):
     assert agents.make("no-keywords", batch_size=2).config["batch_size"] == 2
 
 
+def test_a_learn_without_the_callback_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    class NoCallback(agents.Agent):
+        name = "no-callback"
+
+        def learn(self, env, budget):  # the zoo calls learn(env, budget, callback)
+            return self
+
+    agents.register("no-callback", NoCallback)
+    with pytest.raises(AgentError, match=r"learn\(self, env, budget\) cannot be called as learn\(env, budget, callback\)"):
+        agents.make("no-callback", device="cpu", seed=0)
+
+
 # ---------------------------------------------------------------------------------------- entry points
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):

@@ -21,19 +21,23 @@ QUALITY = {
 }
 
 
-def write_run(root, algo, seed, *, gold, kl=1.0, budget=64, quality=None, prompts=PROMPTS):
+def write_run(root, algo, seed, *, gold, kl=1.0, budget=64, quality=None, prompts=PROMPTS, temperature=1.0):
+    """A run's eval.json (or, at another temperature, its eval-t<T>.json) evaluated with the run's seed."""
     run = root / algo / ENV / f"seed{seed}"
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     stat = lambda v: {"mean": v, "se": 0.01}  # noqa: E731
     record = {
         "format": FORMAT_VERSION, "algo": algo, "env_id": ENV, "seed": seed, "budget": budget,
-        "protocol": {"split": "test", "prompts": prompts, "samples": 1, "temperature": 1.0, "seed": 0},
+        "protocol": {"split": "test", "prompts": prompts, "samples": 1, "temperature": temperature, "seed": seed},
         "metrics": {"gold": stat(gold), "proxy": stat(gold + 0.1), "kl": {**stat(kl), "method": "monte-carlo"},
                     "win_rate_labelers": stat(0.6), "win_rate_judge": None, "length": stat(12.0), "eos_rate": stat(1.0),
                     "distinct_1": 0.5, "distinct_2": 0.8, "completions": prompts},
         "sft": {"gold": stat(0.4), "proxy": stat(0.4), "kl": {**stat(0.0), "method": "monte-carlo"}},
         "hyperparams": {}, "versions": {}, "machine": {},
     }
+    if temperature != 1.0:
+        (run / f"eval-t{temperature:g}.json").write_text(json.dumps(record))
+        return run
     (run / "eval.json").write_text(json.dumps(record))
     components = QUALITY[quality or algo]
     rows = [{"prompt": i, "sample": 0, "text": f"{quality or algo} summary {i} from seed {seed}", "gold": gold,
@@ -62,6 +66,10 @@ def test_leaderboard_tables_ratings_and_plots(tmp_path):
     write_run(runs, "mid", 1, gold=0.5, kl=2.5)
     write_run(runs, "mid", 2, gold=0.4, kl=2.5, prompts=4)  # another protocol: its own row, but it plays in BT
     write_run(runs, "good", 0, gold=0.8, kl=3.0)
+    # greedy evaluations (a benchmark's second temperature): their own rows and table, not in the ratings
+    for seed in range(3):
+        write_run(runs, "bad", seed, gold=0.2, kl=0.1, temperature=0.0)
+    write_run(runs, "good", 0, gold=0.9, kl=0.2, temperature=0.0)
     # a TensorBoard log like TrainingRun.update writes, for the curves
     from torch.utils.tensorboard import SummaryWriter
 
@@ -74,9 +82,15 @@ def test_leaderboard_tables_ratings_and_plots(tmp_path):
     paths = write_leaderboard(runs, tmp_path / "out", progress=False)
     assert set(paths) == {"md", "csv", "frontier", "curves"}
     table = list(csv.DictReader(paths["csv"].open()))
-    assert sorted((r["algo"], r["eval_prompts"]) for r in table) == [
-        ("bad", "8"), ("good", "8"), ("mid", "4"), ("mid", "8")]
-    rows = {r["algo"]: r for r in table if r["eval_prompts"] == "8"}
+    assert sorted((r["algo"], r["eval_prompts"], r["eval_temperature"]) for r in table) == [
+        ("bad", "8", "0.0"), ("bad", "8", "1.0"), ("good", "8", "0.0"), ("good", "8", "1.0"), ("mid", "4", "1.0"),
+        ("mid", "8", "1.0")]
+    # every run evaluated with its own seed: one group over seeds, the protocol's seed reads "run"
+    assert {r["eval_seed"] for r in table} == {"run"}
+    greedy = {r["algo"]: r for r in table if r["eval_temperature"] == "0.0"}
+    assert float(greedy["bad"]["gold_mean"]) == pytest.approx(0.2) and greedy["bad"]["n_seeds"] == "3"
+    assert greedy["bad"]["bt_strength"] == "" and greedy["good"]["bt_strength"] == ""
+    rows = {r["algo"]: r for r in table if r["eval_prompts"] == "8" and r["eval_temperature"] == "1.0"}
     bad = rows["bad"]
     assert bad["n_seeds"] == "3" and bad["seeds"] == "0 1 2"
     assert float(bad["gold_mean"]) == pytest.approx(0.3)
@@ -94,9 +108,16 @@ def test_leaderboard_tables_ratings_and_plots(tmp_path):
     assert "Bradley-Terry ratings, RLHF-Summarize-Gold-v0" in md and "good@64" in md
     # each env opens with the compact table (agents by gold), then every metric
     summary = md[md.index("## RLHF-Summarize-Gold-v0"):md.index("### All metrics, RLHF-Summarize-Gold-v0")]
-    assert "| agent | budget | T | seeds | gold | proxy reward | KL | win rate vs SFT (labelers) | BT strength |" in summary
-    agents_in_order = [line.split(" | ")[0].strip("| ") for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert "| agent | budget | seeds | gold | proxy reward | KL | win rate vs SFT (labelers) | BT strength |" in summary
+    # one compact table a protocol, eval.json's first (T=1), then the greedy one
+    first = summary.index("**test, 8 prompts × 1, T=1, the run's seed**")
+    second = summary.index("**test, 8 prompts × 1, T=0, the run's seed**")
+    assert first < second
+    end = summary.index("\n**", first)  # the next protocol's table (mid's 4-prompt run, then greedy)
+    agents_in_order = [line.split(" | ")[0].strip("| ") for line in summary[first:end].splitlines()
+                       if line.startswith("| ") and "---" not in line][1:]
     assert agents_in_order[0] == "good" and agents_in_order[-1] == "bad" and "mid" in agents_in_order, agents_in_order
+    assert "| good | 64 | 1 | 0.900 (n=1) |" in summary[second:]
     for name in ("frontier", "curves"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert paths[name].stat().st_size > 20_000  # axes, labels, points: not an empty canvas
@@ -126,6 +147,17 @@ def test_broken_eval_files_are_reported_and_left_out(tmp_path):
     assert all(r["bt_strength"] == "" for r in rows)
     assert "needs completions of at least two agents" in paths["md"].read_text()
     assert paths["md"].parent == runs
+
+
+def test_a_fixed_evaluation_seed_is_its_own_protocol_group(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "good", 0, gold=0.8)
+    write_run(runs, "good", 1, gold=0.7)
+    fixed = write_run(runs, "good", 2, gold=0.6) / "eval.json"
+    fixed.write_text(json.dumps({**json.loads(fixed.read_text()), "protocol": {
+        "split": "test", "prompts": PROMPTS, "samples": 1, "temperature": 1.0, "seed": 0}}))
+    rows = list(csv.DictReader(write_leaderboard(runs, progress=False)["csv"].open()))
+    assert sorted((r["eval_seed"], r["seeds"]) for r in rows) == [("0", "2"), ("run", "0 1")]
 
 
 def test_a_missing_runs_dir_is_a_clear_error(tmp_path):

@@ -99,13 +99,13 @@ def test_train_writes_eval_json_and_rlhf_zoo_eval_reproduces_it(tmp_path):
     from rlhfgym.zoo.train import train
 
     run = tmp_path / "run"
-    result = train("best-of-n", ENV_ID, budget=8, run_dir=str(run), eval_n=8, overrides={"n": 2, "batch_size": 8})
+    result = train("best-of-n", ENV_ID, budget=8, seed=2, run_dir=str(run), eval_n=8, overrides={"n": 2, "batch_size": 8})
     record = json.loads((run / "eval.json").read_text())
     assert set(record) >= {"format", "algo", "env_id", "seed", "budget", "protocol", "metrics", "sft", "hyperparams",
                            "versions", "machine"}
-    assert (record["algo"], record["env_id"], record["seed"], record["budget"]) == ("best-of-n", ENV_ID, 0, 8)
+    assert (record["algo"], record["env_id"], record["seed"], record["budget"]) == ("best-of-n", ENV_ID, 2, 8)
     protocol = {k: record["protocol"][k] for k in ("split", "prompts", "samples", "temperature", "seed")}
-    assert protocol == {"split": "test", "prompts": 8, "samples": 1, "temperature": 1.0, "seed": 0}
+    assert protocol == {"split": "test", "prompts": 8, "samples": 1, "temperature": 1.0, "seed": 2}  # the run's seed
     assert record["hyperparams"]["n"] == 2
     assert set(record["versions"]) == {"rlhf-gym", "torch", "transformers", "python"}
     assert set(record["machine"]) >= {"platform", "cpu_count", "device"}
@@ -118,7 +118,11 @@ def test_train_writes_eval_json_and_rlhf_zoo_eval_reproduces_it(tmp_path):
     assert result["policy"]["gold"] == m["gold"]["mean"] and result["policy"]["kl"] == m["kl"]["mean"]
     assert result["sft"]["gold"] == record["sft"]["gold"]["mean"]
     assert json.loads((run / "results.json").read_text())["policy"] == result["policy"]
-    # `rlhf-zoo eval` on the saved run: the loaded agent (its reward given back) gives the same numbers
+    # `rlhf-zoo eval` on the saved run (by default with the run's seed): the loaded agent (its reward
+    # given back) gives the same numbers; another seed, other samples
     again = evaluate_run(run, prompts=8, progress=False)
     assert again["metrics"] == m
+    other = evaluate_run(run, prompts=8, seed=0, progress=False)
+    assert other["protocol"]["seed"] == 0 and other["metrics"]["gold"] != m["gold"]
+    evaluate_run(run, prompts=8, progress=False)  # put the protocol's evaluation back
     assert len((run / "completions.jsonl").read_text().splitlines()) == 8

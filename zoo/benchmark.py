@@ -20,7 +20,7 @@ Fields (only ``envs`` is required)::
       prompts: 200                     # the split's first N prompts
       samples: 1                       # completions per prompt
       temperature: 1.0                 # or a list: the first is eval.json, others eval-t<T>.json
-      seed: 0                          # the evaluation's seed (train's: 0 for every run); null: the run's seed
+      seed: run                        # the evaluation's seed: run (default, train's) = each run's own seed, or N
     hyperparams:                       # overrides of zoo/hyperparams/<agent>.yml, per agent
       best-of-n: {n: 4}
 
@@ -29,7 +29,7 @@ Fields (only ``envs`` is required)::
 protocol is the benchmark's), calls ``train`` for the others (on the same directory it resumes a
 killed run from its checkpoint, returns a finished one's result, and refuses a directory that holds
 another run), evaluates them by the benchmark's protocol where ``train``'s own evaluation (test split,
-one sample at temperature 1, seed 0, on ``eval.prompts`` prompts) differs, and writes the leaderboard
+one sample at temperature 1 with the run's seed, on ``eval.prompts`` prompts) differs, and writes the leaderboard
 of ``OUT/NAME``. One process at a time works on ``OUT/NAME`` (a lock file there).
 
 With ``backend="ray"`` each run is a Ray task (``pip install 'rlhf-gym[ray]'``); the run directories
@@ -115,7 +115,7 @@ class EvalProtocol:
     prompts: int = 200
     samples: int = 1
     temperatures: tuple[float, ...] = (1.0,)
-    seed: int | None = 0  # = rlhfgym.zoo.evaluate.EVAL_SEED, train's; None: the run's own seed
+    seed: int | None = None  # None: each run's own seed (train's protocol); an int: that seed for every run
 
     def for_run(self, run_seed: int) -> list[dict[str, Any]]:
         """One protocol dict (the keys of :data:`PROTOCOL_KEYS`) per temperature; the first is ``eval.json``'s."""
@@ -126,7 +126,7 @@ class EvalProtocol:
     def to_dict(self) -> dict[str, Any]:
         temperature: Any = self.temperatures[0] if len(self.temperatures) == 1 else list(self.temperatures)
         return {"split": self.split, "prompts": self.prompts, "samples": self.samples, "temperature": temperature,
-                "seed": self.seed}
+                "seed": "run" if self.seed is None else self.seed}
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ class Benchmark:
             prompts=evaluation.get("prompts", defaults.prompts),
             samples=evaluation.get("samples", defaults.samples),
             temperatures=tuple(_as_list(evaluation.get("temperature", 1.0))),
-            seed=evaluation.get("seed", defaults.seed),
+            seed=None if evaluation.get("seed", "run") in ("run", None) else evaluation["seed"],
         )
         hyperparams = data.get("hyperparams") or {}
         if not isinstance(hyperparams, Mapping):
@@ -328,7 +328,7 @@ def _check_protocol(p: EvalProtocol, where: str) -> None:
         raise BenchmarkError(f"{where}eval: temperature must be a number >= 0 (0 is greedy) or a list of distinct ones, "
                              f"got {list(temps)!r}.")
     if p.seed is not None and not (_is_int(p.seed) and p.seed >= 0):
-        raise BenchmarkError(f"{where}eval: seed must be an integer >= 0, or null for the run's seed; got {p.seed!r}.")
+        raise BenchmarkError(f"{where}eval: seed must be 'run' (each run's own seed) or an integer >= 0; got {p.seed!r}.")
 
 
 def _known_agents() -> list[str]:
@@ -338,15 +338,13 @@ def _known_agents() -> list[str]:
 
 
 def _check_env_ids(envs: Sequence[str], where: str) -> None:
-    import gymnasium as gym
+    from rlhfgym.zoo.train import check_rlhf_env_id
 
-    from rlhfgym.zoo.train import rlhf_env_ids
-
-    ours = rlhf_env_ids()
     for env_id in envs:
-        if not isinstance(env_id, str) or env_id not in gym.registry:
-            close = _closest(str(env_id), list(gym.registry))
-            raise BenchmarkError(f"{where}unknown env id {env_id!r}.{close} rlhf-gym env ids: {', '.join(ours)}.")
+        try:
+            check_rlhf_env_id(str(env_id))
+        except ValueError as e:
+            raise BenchmarkError(f"{where}{e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- registry

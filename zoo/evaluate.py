@@ -2,8 +2,10 @@
 
 The protocol (:data:`PROTOCOL_KEYS`) is the first ``prompts`` prompts of ``split``, ``samples``
 completions each at ``temperature`` (0 = greedy), sampled by
-:func:`rlhfgym.envs.evaluation.evaluate_samples` with ``seed`` (so π_ref's samples in every run's
-``eval.json`` are the same completions, and two evaluations of a run are identical). It reports
+:func:`rlhfgym.envs.evaluation.evaluate_samples` with ``seed``, by default the run's own training
+seed: two evaluations of a run are identical, and the leaderboard's interval over seeds covers the
+evaluation's sampling noise as well as training's (with one fixed seed an untrained agent such as
+best-of-n would show ± 0 however noisy its 200 samples are). It reports
 
 * ``proxy``: the env's reward (what the agent optimised); ``gold``: the task's gold score;
 * ``kl``: the sequence KL(π‖π_ref) = E_y~π[log π(y|x) − log π_ref(y|x)], a Monte-Carlo estimate over
@@ -39,8 +41,6 @@ FORMAT_VERSION = 1
 EVAL_FILE = "eval.json"
 COMPLETIONS_FILE = "completions.jsonl"
 RESULTS_FILE = "results.json"
-#: the evaluation seed of every run rlhf-zoo trains (and `rlhf-zoo eval`'s default)
-EVAL_SEED = 0
 #: prompts per sampling call; = the asset build's report's default, so its SFT row is the zoo's
 BATCH_SIZE = 100
 #: the labeler population that judges win rates (and the leaderboard's pairwise comparisons)
@@ -173,6 +173,7 @@ def _has_judge(core) -> bool:
 
 
 def check_protocol(split: str, prompts: int, samples: int, temperature: float, seed: int) -> dict[str, Any]:
+    """The protocol dict (the keys of :data:`PROTOCOL_KEYS`), or :class:`EvaluationError` naming the bad value."""
     if split not in ("train", "validation", "test"):
         raise EvaluationError(f"split must be train, validation or test, got {split!r}.")
     for name, value in (("prompts", prompts), ("samples", samples)):
@@ -186,7 +187,7 @@ def check_protocol(split: str, prompts: int, samples: int, temperature: float, s
 
 
 def evaluate_agent(env, agent, run_info: dict[str, Any], *, split: str = "test", prompts: int = 200, samples: int = 1,
-                   temperature: float = 1.0, seed: int = 0, progress: bool = True,
+                   temperature: float = 1.0, seed: int | None = None, progress: bool = True,
                    run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate ``agent`` on ``env`` by the module's protocol; returns the ``eval.json`` record.
 
@@ -194,7 +195,7 @@ def evaluate_agent(env, agent, run_info: dict[str, Any], *, split: str = "test",
     holds them), copied into the record. With ``run_dir``, writes ``eval.json`` and
     ``completions.jsonl`` there (atomically). An agent with ``kl_to_reference()`` (best-of-n) is
     evaluated by its ``generate`` and that analytic KL; one with a ``policy`` by sampling the policy;
-    one with neither by its ``generate``, its KL unknown.
+    one with neither by its ``generate``, its KL unknown. ``seed`` None: the run's own seed.
     """
     import torch
     from tqdm.auto import tqdm
@@ -202,10 +203,10 @@ def evaluate_agent(env, agent, run_info: dict[str, Any], *, split: str = "test",
     from rlhfgym.agents.policy import CausalLMPolicy
     from rlhfgym.envs.feedback.labelers import LabelerPopulation
 
-    protocol = check_protocol(split, prompts, samples, temperature, seed)
     missing = [k for k in ("algo", "env_id", "seed", "budget") if k not in run_info]
     if missing:
         raise EvaluationError(f"run_info lacks {missing}; pass the run's algo, env_id, seed and budget (results.json).")
+    protocol = check_protocol(split, prompts, samples, temperature, run_info["seed"] if seed is None else seed)
     core = env.unwrapped
     available = core.task.split_size(split)
     if prompts > available:
@@ -342,10 +343,10 @@ def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", prompts: int = 200, samples: int = 1,
-                 temperature: float = 1.0, seed: int = 0, device: str | None = None, progress: bool = True) -> dict:
+                 temperature: float = 1.0, seed: int | None = None, device: str | None = None, progress: bool = True) -> dict:
     """Evaluate the run in ``run_dir`` (``agent/`` and ``results.json``) and write its ``eval.json``.
 
-    ``device`` None: the run's. Returns the record written (see :func:`evaluate_agent`).
+    ``seed`` None: the run's own seed (the protocol of ``train``); ``device`` None: the run's. Returns the record written (see :func:`evaluate_agent`).
     """
     import gymnasium as gym
 
@@ -353,8 +354,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", prompts: in
     from rlhfgym.agents import load
 
     run_dir = Path(run_dir)
-    protocol = check_protocol(split, prompts, samples, temperature, seed)
     info = read_run_info(run_dir)
+    protocol = check_protocol(split, prompts, samples, temperature, info["seed"] if seed is None else seed)
     if not (run_dir / "agent").is_dir():
         raise EvaluationError(f"{run_dir} has no agent/ checkpoint to evaluate; train the run (again) to write it.")
     device = device or info.get("device") or "cpu"
@@ -380,6 +381,6 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-__all__ = ["evaluate_run", "evaluate_agent", "write_evaluation", "read_run_info", "results_row", "EVAL_SEED", "mean_se", "distinct_n",
+__all__ = ["evaluate_run", "evaluate_agent", "write_evaluation", "read_run_info", "results_row", "mean_se", "distinct_n",
            "majority_wins", "EvaluationError", "FORMAT_VERSION", "PROTOCOL_KEYS", "METRICS", "PER_SAMPLE_METRICS",
            "SET_METRICS"]

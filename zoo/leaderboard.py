@@ -1,8 +1,11 @@
 """``rlhf-zoo leaderboard RUNS_DIR``: tables and plots of every evaluated run below a directory.
 
-Runs (``eval.json``, written by ``rlhf-zoo eval`` / ``train``) are grouped by (env id, agent,
-budget, evaluation protocol); a group's seeds give, per metric, the mean and a 95% confidence
-interval, mean ± t_{0.975, n−1} · s / √n (Student t; one seed prints its mean and "n=1").
+Runs (``eval.json``, written by ``rlhf-zoo eval`` / ``train``, and a benchmark's evaluations at its
+other temperatures, ``eval-t<T>.json``) are grouped by (env id, agent, budget, evaluation protocol);
+a group's seeds give, per metric, the mean and a 95% confidence interval, mean ± t_{0.975, n−1} · s / √n
+(Student t; one seed prints its mean and "n=1"). Each run is evaluated with its own seed (the
+protocol's seed "run"), so the interval covers the evaluation's sampling noise as well as training's.
+The Bradley-Terry ratings, the frontier and the curves use each run's ``eval.json`` only.
 
 Agents are also rated against each other per env id with Bradley-Terry (:func:`fit_bradley_terry`):
 for every pair of runs of two different agents and every prompt (and sample index) both answered,
@@ -144,13 +147,18 @@ def check_eval(record: Any) -> str | None:
     return None
 
 
+#: the evaluation files of a run: its protocol's (``eval.json``) and a benchmark's other temperatures
+EVAL_FILES = (EVAL_FILE, "eval-t*.json")
+
+
 def find_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every usable ``eval.json`` below ``runs_dir`` (as records with ``run_dir`` added), sorted by path."""
+    """Every usable evaluation below ``runs_dir``, sorted by path: records with ``run_dir`` added and
+    ``primary`` (True for ``eval.json``, False for the other temperatures' ``eval-t<T>.json``)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise ValueError(f"{runs_dir} is not a directory; pass the directory your runs were written to (e.g. runs/).")
     out = []
-    for path in sorted(runs_dir.rglob(EVAL_FILE)):
+    for path in sorted(p for pattern in EVAL_FILES for p in runs_dir.rglob(pattern)):
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -162,6 +170,7 @@ def find_runs(runs_dir: str | os.PathLike) -> list[dict[str, Any]]:
             warnings.warn(f"skipping {path}: {problem}.", LeaderboardWarning, stacklevel=2)
             continue
         record["run_dir"] = str(path.parent)
+        record["primary"] = path.name == EVAL_FILE
         out.append(record)
     return out
 
@@ -192,7 +201,15 @@ def agent_label(record: dict[str, Any]) -> str:
 
 
 def _protocol(record: dict[str, Any]) -> tuple:
-    return tuple(record["protocol"][k] for k in PROTOCOL_KEYS)
+    """The protocol as a group key; a seed equal to the run's own seed is ``"run"``, so the seeds of
+    one agent evaluated each with its own seed fall in one group."""
+    p = record["protocol"]
+    return tuple("run" if k == "seed" and p[k] == record["seed"] else p[k] for k in PROTOCOL_KEYS)
+
+
+def primary_runs(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of ``eval.json`` files (each run once), for ratings and plots."""
+    return [r for r in records if r.get("primary", True)]
 
 
 def _metric_value(record: dict[str, Any], name: str, block: str = "metrics") -> float | None:
@@ -211,6 +228,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (env_id, algo, budget, protocol), runs in sorted(groups.items(), key=lambda kv: repr(kv[0])):
         row: dict[str, Any] = {"env_id": env_id, "algo": algo, "budget": budget,
                                "protocol": dict(zip(PROTOCOL_KEYS, protocol)),
+                               "primary": any(r.get("primary", True) for r in runs),
                                "seeds": sorted(r["seed"] for r in runs), "runs": [r["run_dir"] for r in runs]}
         row["metrics"] = {m: mean_ci([v for r in runs if (v := _metric_value(r, m)) is not None]) for m in METRICS}
         row["sft"] = {m: mean_ci([v for r in runs if (v := _metric_value(r, m, "sft")) is not None])
@@ -263,6 +281,7 @@ def bradley_terry(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     from rlhfgym.envs.feedback.ratings import fit_bradley_terry
 
     by_env: dict[str, list] = defaultdict(list)
+    records = primary_runs(records)
     for r in records:
         rows = read_completions(r["run_dir"])
         if rows is not None:
@@ -288,7 +307,8 @@ def _cell(stat: dict[str, Any], digits: int = 3) -> str:
 
 
 def _protocol_text(p: dict[str, Any]) -> str:
-    return f"{p['split']}, {p['prompts']} prompts × {p['samples']}, T={p['temperature']:g}, seed {p['seed']}"
+    seed = "the run's seed" if p["seed"] == "run" else f"seed {p['seed']}"
+    return f"{p['split']}, {p['prompts']} prompts × {p['samples']}, T={p['temperature']:g}, {seed}"
 
 
 #: the columns of each env's first, compact table
@@ -310,22 +330,31 @@ def markdown(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
         if fit is not None:
             strength = {name: (fit.strengths[k], fit.se[k]) for k, name in enumerate(fit.names)}
         lines += [f"## {env_id}", ""]
-        order = sorted(env_rows, key=lambda r: -(r["metrics"]["gold"]["mean"] or -math.inf))
-        # the columns people compare first (the README quotes this table); every metric follows
+        # eval.json's protocol first (the ratings are from it), then the benchmark's other temperatures
+        order = sorted(env_rows, key=lambda r: (not r["primary"], -r["protocol"]["temperature"],
+                                                -(r["metrics"]["gold"]["mean"] or -math.inf)))
+        # the columns people compare first (the README quotes these tables), one table a protocol;
+        # every metric follows
         summary = [m for m in SUMMARY_METRICS if m in metrics]
-        head = ["agent", "budget", "T", "seeds", *(TITLES[m] for m in summary), "BT strength"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in order:
-            bt = strength.get(agent_label(r))
-            lines.append("| " + " | ".join([
-                r["algo"], str(r["budget"]), f"{r['protocol']['temperature']:g}", str(len(r["seeds"])),
-                *(_cell(r["metrics"][m]) for m in summary),
-                f"{bt[0]:.2f} ± {bt[1]:.2f}" if bt else "–"]) + " |")
-        lines += ["", f"### All metrics, {env_id}", ""]
+        head = ["agent", "budget", "seeds", *(TITLES[m] for m in summary), "BT strength"]
+        protocols = list(dict.fromkeys(_protocol_text(r["protocol"]) for r in order))
+        for text in protocols:
+            if len(protocols) > 1:
+                lines += [f"**{text}**", ""]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for r in (r for r in order if _protocol_text(r["protocol"]) == text):
+                bt = strength.get(agent_label(r)) if r["primary"] else None
+                lines.append("| " + " | ".join([
+                    r["algo"], str(r["budget"]), str(len(r["seeds"])), *(_cell(r["metrics"][m]) for m in summary),
+                    f"{bt[0]:.2f} ± {bt[1]:.2f}" if bt else "–"]) + " |")
+            lines.append("")
+        if len(protocols) == 1:
+            lines += [f"Protocol: {protocols[0]}.", ""]
+        lines += [f"### All metrics, {env_id}", ""]
         head = ["agent", "budget", "protocol", "seeds", *(TITLES[m] for m in metrics), "BT strength"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in order:
-            bt = strength.get(agent_label(r))
+            bt = strength.get(agent_label(r)) if r["primary"] else None
             lines.append("| " + " | ".join([
                 r["algo"], str(r["budget"]), _protocol_text(r["protocol"]), str(len(r["seeds"])),
                 *(_cell(r["metrics"][m]) for m in metrics),
@@ -356,7 +385,7 @@ def csv_text(rows: Sequence[dict[str, Any]], fits: dict[str, Any], root: str | o
     for r in rows:
         fit = fits.get(r["env_id"])
         bt = ["", ""]
-        if fit is not None and agent_label(r) in fit.names:
+        if fit is not None and r["primary"] and agent_label(r) in fit.names:
             k = fit.names.index(agent_label(r))
             bt = [repr(float(fit.strengths[k])), repr(float(fit.se[k]))]
         cells = [r["env_id"], r["algo"], r["budget"], *(r["protocol"][k] for k in PROTOCOL_KEYS), len(r["seeds"]),
@@ -389,15 +418,15 @@ def write_leaderboard(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | 
     paths = {"md": out / "leaderboard.md", "csv": out / "leaderboard.csv"}
     atomic_write_text(paths["md"], markdown(rows, fits))
     atomic_write_text(paths["csv"], csv_text(rows, fits, root=runs_dir))
-    paths["frontier"] = plot_frontier(records, out / "frontier.png")
+    paths["frontier"] = plot_frontier(primary_runs(records), out / "frontier.png")
     curves = []
-    for r in tqdm(records, desc="training curves", unit="run", disable=not progress):
+    for r in tqdm(primary_runs(records), desc="training curves", unit="run", disable=not progress):
         curves.append({**r, "curves": read_curves(Path(r["run_dir"]) / "tb")})
     paths["curves"] = plot_curves(curves, out / "curves.png")
     if progress:
-        print(f"leaderboard of {len(records)} run(s) in {len(rows)} group(s): {paths['md']}")
+        print(f"leaderboard of {len(primary_runs(records))} run(s) in {len(rows)} group(s): {paths['md']}")
     return paths
 
 
 __all__ = ["write_leaderboard", "find_runs", "check_eval", "summarize", "bradley_terry", "pairwise_outcomes",
-           "read_completions", "mean_ci", "student_t_quantile", "student_t_cdf", "agent_label", "LeaderboardWarning"]
+           "read_completions", "primary_runs", "mean_ci", "student_t_quantile", "student_t_cdf", "agent_label", "LeaderboardWarning"]

@@ -174,14 +174,13 @@ def _train_and_evaluate(agent, algo: str, env_id: str, *, budget: int, seed: int
     with run_services(agent, out, learn_kwargs) as callback:
         agent.learn(env, budget, callback, **learn_kwargs)
     train_s = time.time() - t0
-    # `rlhf-zoo eval`'s code path (writes eval.json + completions.jsonl). Its seed is the protocol's
-    # (EVAL_SEED for every run, not the run's seed): runs of all seeds then share one protocol, which
-    # the leaderboard groups by, and are scored on the same pi_ref samples.
-    from rlhfgym.zoo.evaluate import EVAL_SEED, evaluate_agent, results_row
+    # `rlhf-zoo eval`'s code path (writes eval.json + completions.jsonl), sampling with the run's own
+    # seed, so the spread over seeds includes the evaluation's sampling noise.
+    from rlhfgym.zoo.evaluate import evaluate_agent, results_row
 
     run_info = {"algo": algo, "env_id": env_id, "seed": seed, "budget": budget, "device": device, "hyperparams": hp,
                 "env_kwargs": env_kwargs}
-    evaluation = evaluate_agent(env, agent, run_info, prompts=eval_n, seed=EVAL_SEED, run_dir=out)
+    evaluation = evaluate_agent(env, agent, run_info, prompts=eval_n, run_dir=out)
     result = {"algo": algo, "env_id": env_id, "seed": seed, "budget": budget, "device": device,
               "train_seconds": round(train_s, 1), "date": str(date.today()), "hyperparams": hp, "env_kwargs": env_kwargs,
               "policy": results_row(evaluation["metrics"], evaluation["protocol"]),
