@@ -24,9 +24,14 @@ Lets stock SB3 algorithms train a language model on the token MDP, one token per
 trained), a ``save_pretrained`` directory, or None for the micro world's frozen SFT policy (= the
 reference policy of ``RLHF-Summarize*-v0``).
 
-Stepping is uncached (one full forward over the window per env step) because SB3 treats every
-observation as independent; it is the slow, generic path. The agents in :mod:`rlhfgym.agents`
-(PPO, RLOO, ...) sample whole completions with a KV cache instead.
+* **Rollouts are KV-cached**: SB3 treats every observation as new, but the token MDP's next
+  observation is the previous one plus the action. Without gradients and in eval mode (SB3's
+  ``collect_rollouts`` and ``predict``), the features extractor keeps an
+  :class:`~rlhfgym.envs.lm.IncrementalLM` over the env rows and, for each row whose observation is
+  its last one shifted by one token, runs the model on that token alone (a repeated observation
+  reuses its features); other rows (new episodes, another batch) are prefilled from their observation. Training passes (gradients) and any change
+  of mode use the full forward, and the cache is dropped whenever the mode changes (the weights
+  may have moved). ``rlhf-zoo bench sb3`` compares the two paths.
 
 Note on the return: the env pays ``kl_coef * log pi_ref(a_t|s_t)`` per token; the agent's half of
 the KL penalty, ``-kl_coef * log pi_theta(a_t|s_t)``, is not added by SB3 (use ``kl_coef=0`` for the
@@ -46,7 +51,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from rlhfgym.envs.hf import position_ids, quiet_transformers
-from rlhfgym.envs.lm import model_vocab_size
+from rlhfgym.envs.lm import IncrementalLM, model_vocab_size
 
 __all__ = ["LMActorCriticPolicy", "LMFeaturesExtractor"]
 
@@ -85,20 +90,56 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
             )
         super().__init__(observation_space, features_dim=int(model.config.get_text_config().hidden_size))
         self.lm = model.float()
+        #: rollout cache: on for no-grad eval-mode calls (set False to always run the full forward)
+        self.use_cache = True
+        self._rollout: IncrementalLM | None = None
+        self._last_obs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def body(self) -> nn.Module:
         return self.lm.base_model
 
+    def train(self, mode: bool = True):
+        self._rollout, self._last_obs = None, None  # SB3 switches mode around every update: the weights may move
+        return super().train(mode)
+
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         ids = obs["input_ids"].long()  # SB3 hands Box observations over as floats
         att = obs["attention_mask"].long()
+        if self.use_cache and not self.training and not torch.is_grad_enabled():
+            return self._cached(ids, att)
         used = att.any(0)  # drop the left columns that are padding in every row: same result, less compute
         if not bool(used[0]) and bool(used.any()):
             first = int(used.float().argmax())
             ids, att = ids[:, first:], att[:, first:]
         out = self.body(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False)
         return out.last_hidden_state[:, -1].float()  # right-aligned: the newest token is the last column
+
+    def _cached(self, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """The full forward's features, computing only the new token of rows that continue their last observation."""
+        rows, width = ids.shape
+        features = torch.empty(rows, self.features_dim, device=ids.device)
+        if self._last_obs is None or self._last_obs[0].shape != ids.shape:
+            self._rollout = IncrementalLM(self.lm, rows, width, keep_hidden=True, cuda_graph=False)
+            same = continuing = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+        else:
+            last_ids, last_att, last_features = self._last_obs
+            # the same observation again (SB3's predict_values after a step): the same features
+            same = ((ids == last_ids) & (att == last_att)).all(1)
+            features[same] = last_features[same]
+            # the last observation shifted left by one token (which was not yet dropped from a full
+            # window, where position ids would differ from the full forward's)
+            continuing = ((ids[:, :-1] == last_ids[:, 1:]) & (att[:, :-1] == last_att[:, 1:])).all(1) \
+                & (att[:, -1] == 1) & (last_att[:, 0] == 0) & ~same
+        if bool(continuing.any()):
+            self._rollout.step(ids[:, -1], active=continuing)
+            features[continuing] = self._rollout.hidden[continuing].float()
+        restart = (~(continuing | same)).nonzero().view(-1)
+        if restart.numel():
+            self._rollout.reset_rows(restart, ids[restart], att[restart])
+            features[restart] = self._rollout.hidden.float()
+        self._last_obs = (ids, att, features)
+        return features
 
 
 class _LMHead(nn.Module):

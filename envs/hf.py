@@ -8,6 +8,10 @@ outputs' ``past_key_values`` field to ``cache``. rlhf-gym supports the range dec
 
 :func:`quiet_transformers` silences what ``from_pretrained`` prints on every call (the "Loading
 weights" bars and load reports) so ``gym.make`` prints nothing the user did not ask for.
+
+:func:`choose_cpu_threads` picks torch's intra-op thread count for small models on the CPU (one
+thread), because torch's default (one thread a core) makes a small model's step 6-60x slower as
+soon as another process uses a core (``rlhf-zoo bench threads`` measures it).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["cached_forward", "cache_argument", "quiet_transformers", "resolve_device", "position_ids"]
+__all__ = ["cached_forward", "cache_argument", "quiet_transformers", "resolve_device", "position_ids",
+           "choose_cpu_threads", "threads_at_import", "SMALL_MODEL_PARAMETERS", "THREADS_VARIABLE"]
 
 
 @lru_cache(maxsize=None)
@@ -90,3 +95,57 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions 0, 1, 2, ... over the valid (mask == 1) tokens of each row; padding gets 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+# ---------------------------------------------------------------------------------------------- CPU threads
+
+#: below this many parameters a model runs on one CPU thread unless the user chose otherwise
+SMALL_MODEL_PARAMETERS = 20_000_000
+#: the environment variable that chooses the thread count: a number, or "torch" for torch's own default
+THREADS_VARIABLE = "RLHFGYM_NUM_THREADS"
+_THREADS_AT_IMPORT = torch.get_num_threads()
+_threads_chosen = False
+
+
+def threads_at_import() -> int:
+    """torch's intra-op thread count when rlhf-gym was imported (torch's default, unless the user had set it)."""
+    return _THREADS_AT_IMPORT
+
+
+def choose_cpu_threads(model: torch.nn.Module, device: str | torch.device) -> int:
+    """Set torch's intra-op threads for ``model`` on ``device`` once per process; returns the count in use.
+
+    The small models of the micro world do a few small matrix products a token: splitting them over
+    every core buys little on a quiet machine and, when another process holds a core, makes each
+    step wait for the slowest thread (one ``env.step`` of 32 rows measured 6x slower with torch's
+    default two threads than with one while another job ran; 40-60x has been seen). So, on the CPU:
+
+    * ``RLHFGYM_NUM_THREADS=N`` sets N threads; ``RLHFGYM_NUM_THREADS=torch`` leaves torch's default;
+    * else ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, or a ``torch.set_num_threads`` call made after
+      rlhf-gym was imported, are the user's choice and are left alone;
+    * else a model below :data:`SMALL_MODEL_PARAMETERS` parameters gets one thread.
+
+    Only the first call decides (later envs and agents in the process keep the choice), so a
+    ``torch.set_num_threads`` call after ``gym.make`` always wins. GPU devices are left alone.
+    """
+    global _threads_chosen
+    import os
+
+    if _threads_chosen or torch.device(device).type != "cpu":
+        return torch.get_num_threads()
+    _threads_chosen = True
+    wanted = os.environ.get(THREADS_VARIABLE, "").strip()
+    if wanted:
+        if wanted == "torch":
+            return torch.get_num_threads()
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise ValueError(f"{THREADS_VARIABLE}={wanted!r}: use a number of threads >= 1, or 'torch' for torch's default.")
+        torch.set_num_threads(int(wanted))
+    elif any(os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        pass
+    elif torch.get_num_threads() != _THREADS_AT_IMPORT:
+        pass  # set by the user since rlhf-gym was imported
+    elif sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+

@@ -130,6 +130,9 @@ class IncrementalLM:
         backend: "static", "dynamic" or "auto" (static when the model's attention implementation
             is ``sdpa`` or ``eager``, which accept our 4D mask; dynamic otherwise).
         cuda_graph: capture the static step as a CUDA graph (default: on CUDA devices).
+        keep_hidden: also keep the last layer's hidden state of the newest position of the rows each
+            ``reset_rows`` / ``step`` call computed, in :attr:`hidden` (``(rows, H)``; a value head
+            reads it). Not with ``cuda_graph``.
 
     Typical use (generation with ``B`` prompts, restarting rows as they finish)::
 
@@ -153,6 +156,7 @@ class IncrementalLM:
         *,
         backend: str = "auto",
         cuda_graph: bool | None = None,
+        keep_hidden: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"IncrementalLM needs batch_size >= 1, got {batch_size}.")
@@ -174,6 +178,11 @@ class IncrementalLM:
         self.cuda_graph = (on_cuda and backend == "static") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and (backend != "static" or self.device.type != "cuda"):
             raise ValueError("cuda_graph=True needs backend='static' and a model on a CUDA device.")
+        if keep_hidden and self.cuda_graph:
+            raise ValueError("keep_hidden=True cannot be captured in a CUDA graph; pass cuda_graph=False.")
+        self.keep_hidden = bool(keep_hidden)
+        #: (rows, H): the last layer's hidden state at the newest position (with ``keep_hidden``)
+        self.hidden: torch.Tensor | None = None
         # Prefills only need the last position's logits; skip the (p, V) projection when the
         # model supports it (all current transformers causal LMs do).
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -211,8 +220,12 @@ class IncrementalLM:
         return self.window if self.backend == "static" else int(self._mask2d.shape[1])
 
     def _forward(self, cache, **inputs):
-        """One forward pass over ``cache``; returns ``(logits, cache)``."""
-        out, cache = cached_forward(self.model, cache, **inputs)
+        """One forward pass over ``cache``; returns ``(logits, cache)`` (and keeps :attr:`hidden`)."""
+        if self.keep_hidden:
+            out, cache = cached_forward(self.model, cache, output_hidden_states=True, **inputs)
+            self.hidden = out.hidden_states[-1][:, -1].clone()
+        else:
+            out, cache = cached_forward(self.model, cache, **inputs)
         return out.logits, cache
 
     # ------------------------------------------------------------------ reset

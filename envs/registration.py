@@ -147,7 +147,7 @@ def build_components(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .hf import resolve_device
+    from .hf import choose_cpu_threads, resolve_device
     from .rewards import RewardFunction
     from .tasks.base import Task
 
@@ -176,6 +176,7 @@ def build_components(
     elif isinstance(reference, (str, os.PathLike)):
         reference = _from_pretrained(AutoModelForCausalLM, reference, "reference")
 
+    choose_cpu_threads(reference, device)  # one thread for a small model on the CPU, unless the user chose
     if reward_model is None:
         reward_model = "gold"
     if isinstance(reward_model, str):

@@ -55,6 +55,47 @@ def test_initial_policy_is_the_reference_model():
     assert model.policy.features_extractor.lm is not venv.venv.reference_model  # a copy: pi_ref stays frozen
 
 
+def test_rollout_cache_gives_the_full_forward_features(monkeypatch):
+    """Stepping a vector env through episodes and resets, the cached features (eval mode, no grad) equal
+    the full forward's, row by row, while only new episodes are prefilled; a batch of another size or a
+    mode switch starts over."""
+    from rlhfgym.envs.lm import IncrementalLM
+
+    prefilled = []
+    reset_rows = IncrementalLM.reset_rows
+    monkeypatch.setattr(IncrementalLM, "reset_rows", lambda self, rows, *a, **k: (  # the policy's (not the env's)
+        self.keep_hidden and prefilled.append(len(rows)), reset_rows(self, rows, *a, **k))[1])
+    venv = make_sb3_vec_env(ENV_ID, num_envs=4, seed=0, max_new_tokens=5)
+    model = sb3.PPO(LMActorCriticPolicy, venv, n_steps=4, batch_size=16, seed=0)
+    extractor = model.policy.features_extractor
+    model.policy.set_training_mode(False)
+    obs = venv.reset()
+    for _ in range(13):  # > 2 episodes of 5 tokens: every row resets while the others continue
+        tensor_obs = model.policy.obs_to_tensor(obs)[0]
+        with torch.no_grad():
+            cached = extractor(tensor_obs)
+            extractor.use_cache = False
+            full = extractor(tensor_obs)
+            extractor.use_cache = True
+        torch.testing.assert_close(cached, full, atol=2e-4, rtol=1e-4)
+        with torch.no_grad():
+            actions, _, _ = model.policy(tensor_obs)
+        obs, *_ = venv.step(actions.numpy())
+    # 13 steps of 4 rows: 4 first prefills, then one a row per new episode (autoreset after 5 tokens,
+    # so 2 more each); the policy's call on the observation just seen reuses its features
+    assert sum(prefilled) == 4 + 4 * 2, prefilled
+    # another batch size: a new cache, still the full forward's numbers
+    two = {k: v[:2] for k, v in model.policy.obs_to_tensor(obs)[0].items()}
+    with torch.no_grad():
+        cached = extractor(two)
+        extractor.use_cache = False
+        torch.testing.assert_close(cached, extractor(two), atol=2e-4, rtol=1e-4)
+        extractor.use_cache = True
+    assert extractor._rollout.batch_size == 2 and sum(prefilled) == 12 + 2
+    model.policy.set_training_mode(True)  # an update may move the weights: the cache is dropped
+    assert extractor._rollout is None and extractor._last_obs is None
+
+
 def test_single_env_learns_and_round_trips(tmp_path):
     env = gym.make(ENV_ID, max_new_tokens=3)
     ref_before = {k: v.clone() for k, v in env.unwrapped.reference_model.state_dict().items()}

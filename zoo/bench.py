@@ -1,4 +1,5 @@
-"""``rlhf-zoo bench env``: rollout throughput of the token MDP against the usual way.
+"""``rlhf-zoo bench env``: rollout throughput of the token MDP against the usual way;
+``rlhf-zoo bench threads``: the token MDP's step rate by torch thread count, quiet and with a busy core.
 
 *Env*: ``gym.make_vec(env_id, num_envs=B)`` rolled out with the SFT policy acting through its own
 KV cache (:class:`~rlhfgym.envs.lm.IncrementalLM`), one token per ``step`` for every row, the env
@@ -126,4 +127,182 @@ def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens
     for r in rows:
         usual = "generate + ref pass + RM" if r["kl_coef"] else "generate + RM"
         print(f"| {r['kl_coef']} | {r['env_tokens_per_s']:.0f} | {r['usual_tokens_per_s']:.0f} ({usual}) | {r['ratio']:.2f} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- threads
+
+
+def _step_rate(env, threads: int, seconds: float) -> float:
+    """``env.step`` calls per second with ``threads`` torch intra-op threads (after a warm-up)."""
+    torch.set_num_threads(threads)
+    actions = torch.full((env.num_envs,), 5, dtype=torch.long)
+    env.reset(seed=0)
+    for _ in range(10):
+        env.step(actions)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        env.step(actions)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _busy_core(stop) -> None:
+    """Another process's work: keep one core busy until ``stop`` is set."""
+    x = 0
+    while not stop.is_set():
+        x = (x * 31 + 7) % 1_000_003
+
+
+def bench_threads(env_id: str = "RLHF-Summarize-Gold-v0", num_envs: int = 32, seconds: float = 5.0,
+                  repeats: int = 3) -> list[dict]:
+    """Print (and return) ``env.step`` calls/s of a ``num_envs``-row vector env with one thread and with
+    torch's default, on the machine as it is and with one more core kept busy by a second process;
+    each cell the median of ``repeats`` interleaved measurements."""
+    import multiprocessing as mp
+    import statistics
+
+    import gymnasium as gym
+
+    import rlhfgym.envs  # noqa: F401  (registers the ids)
+    from rlhfgym.envs.hf import threads_at_import
+
+    default = threads_at_import()
+    env = gym.make_vec(env_id, num_envs=num_envs)
+    counts = sorted({1, default})
+    rates: dict[tuple[int, bool], list[float]] = {(t, b): [] for t in counts for b in (False, True)}
+    for _ in range(repeats):
+        for busy in (False, True):
+            stop = mp.Event()
+            hog = mp.Process(target=_busy_core, args=(stop,), daemon=True) if busy else None
+            if hog is not None:
+                hog.start()
+            try:
+                for t in counts:
+                    rates[(t, busy)].append(_step_rate(env, t, seconds))
+            finally:
+                stop.set()
+                if hog is not None:
+                    hog.join()
+    env.close()
+    rows = [{"threads": t, "quiet": statistics.median(rates[(t, False)]), "busy": statistics.median(rates[(t, True)])}
+            for t in counts]
+    print(f"rlhf-zoo bench threads — {env_id}, {num_envs} rows, env.step calls/s (median of {repeats}), "
+          f"{platform.machine()}, {mp.cpu_count()} cores, torch default {default} threads, {date.today()}")
+    print("| torch threads | as the machine is | with one more core busy |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['quiet']:.1f} | {r['busy']:.1f} |")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- SB3
+
+
+#: SB3 PPO settings that finish and learn on the micro world (SB3's defaults, n_steps=2048 with a
+#: 10-epoch update, take many minutes before the first update on a CPU); the README quotes them
+SB3_PPO_SETTINGS = {"n_steps": 16, "batch_size": 128, "n_epochs": 2, "learning_rate": 1e-5, "gamma": 1.0,
+                    "gae_lambda": 0.95, "ent_coef": 0.0}
+
+
+def _sb3_rollout_steps_per_s(model, venv, steps: int, cached: bool) -> float:
+    """Env steps per second of SB3's rollout loop (policy forward without gradients, then ``step``)."""
+    extractor = model.policy.features_extractor
+    extractor.use_cache = cached
+    model.policy.set_training_mode(False)
+    obs = venv.reset()
+    with torch.no_grad():
+        for _ in range(4):  # warm-up
+            actions, _, _ = model.policy(model.policy.obs_to_tensor(obs)[0])
+            obs, *_ = venv.step(actions.numpy())
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            actions, _, _ = model.policy(model.policy.obs_to_tensor(obs)[0])
+            obs, *_ = venv.step(actions.numpy())
+    extractor.use_cache = True
+    return steps * venv.num_envs / (time.perf_counter() - t0)
+
+
+def _gold(core, policy_lm, n: int = 200, seed: int = 0) -> float:
+    """Mean gold of one sample per test prompt from ``policy_lm`` (the shared KV-cached sampler)."""
+    from rlhfgym.agents.policy import CausalLMPolicy
+
+    pol = CausalLMPolicy(policy_lm, core.tokenizer, max_prompt_tokens=core.core.max_prompt_tokens,
+                         max_new_tokens=core.max_new_tokens)
+    prompts = core.prompts("test", n)
+    torch.manual_seed(seed)
+    return float(sum(core.gold(prompts, pol.sample(prompts).texts)) / n)
+
+
+def bench_sb3(env_id: str = "RLHF-Summarize-Gold-v0", num_envs: int = 16, steps: int = 64, repeats: int = 3,
+              minutes: float = 0.0) -> dict:
+    """Print (and return) SB3 PPO's rollout throughput with :class:`LMActorCriticPolicy`'s KV cache and
+    without (the full forward over the window every step), interleaved, median of ``repeats``; with
+    ``minutes`` > 0, also SB3 PPO (:data:`SB3_PPO_SETTINGS`) trained for that long and its test gold
+    before and after, next to rlhf-gym's PPO trained for the same wall time."""
+    import statistics
+
+    import stable_baselines3 as sb3
+
+    import rlhfgym.envs  # noqa: F401  (registers the ids)
+    from rlhfgym.agents.sb3_policy import LMActorCriticPolicy
+    from rlhfgym.envs.sb3 import make_sb3_vec_env
+
+    venv = make_sb3_vec_env(env_id, num_envs=num_envs, seed=0)
+    model = sb3.PPO(LMActorCriticPolicy, venv, seed=0, **SB3_PPO_SETTINGS)
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for cached in (False, True):
+            rates[cached].append(_sb3_rollout_steps_per_s(model, venv, steps, cached))
+    result = {"cached": statistics.median(rates[True]), "uncached": statistics.median(rates[False])}
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    print(f"rlhf-zoo bench sb3 — {env_id}, {num_envs} envs, SB3 {sb3.__version__}, {machine}, {date.today()}")
+    print("| SB3 rollout | env steps/s (median of %d) |\n|---|---|" % repeats)
+    print(f"| full forward over the window each step | {result['uncached']:.0f} |")
+    print(f"| KV-cached (LMActorCriticPolicy default) | {result['cached']:.0f} |")
+    print(f"| ratio | {result['cached'] / result['uncached']:.1f}x |")
+    if minutes > 0:
+        result["training"] = _race_ppo(env_id, venv, model, minutes)
+    return result
+
+
+def _race_ppo(env_id: str, venv, model, minutes: float) -> list[dict]:
+    """SB3 PPO and rlhf-gym's PPO, each trained for ``minutes`` of wall time: test gold before and after."""
+    import gymnasium as gym
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from rlhfgym.agents import make
+
+    core = venv
+    deadline_s = minutes * 60
+
+    class Deadline(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def _on_step(self) -> bool:
+            return time.perf_counter() - self.t0 < deadline_s
+
+    before = _gold(core, model.policy.features_extractor.lm)
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=10**9, callback=Deadline())
+    sb3_s = time.perf_counter() - t0
+    rows = [{"agent": "SB3 PPO (LMActorCriticPolicy)", "seconds": sb3_s, "env_steps": int(model.num_timesteps),
+             "gold_before": before, "gold_after": _gold(core, model.policy.features_extractor.lm)}]
+
+    from rlhfgym.zoo.train import load_hyperparams
+
+    hp = load_hyperparams("ppo", env_id)  # the zoo's settings for this env, less what train() takes per run
+    for key in ("budget", "env_kwargs", "checkpoint_every", "checkpoint_seconds"):
+        hp.pop(key, None)
+    env = gym.make(env_id)
+    ppo = make("ppo", seed=0, **hp)
+    t0 = time.perf_counter()
+    ppo.learn(env, 10**9, lambda agent, metrics: time.perf_counter() - t0 < deadline_s)
+    rows.append({"agent": "rlhf-gym PPO", "seconds": time.perf_counter() - t0, "env_steps": None,
+                 "completions": ppo.spent, "gold_before": before, "gold_after": _gold(env.unwrapped, ppo.policy.model)})
+    print(f"\n| {minutes:g} min of training | wall s | test gold before | after | gain per minute |\n|---|---|---|---|---|")
+    for r in rows:
+        gain = (r["gold_after"] - r["gold_before"]) / (r["seconds"] / 60)
+        print(f"| {r['agent']} | {r['seconds']:.0f} | {r['gold_before']:.3f} | {r['gold_after']:.3f} | {gain:+.3f} |")
     return rows
