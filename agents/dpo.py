@@ -228,11 +228,17 @@ class Pairs:
 
 
 def resolve_dataset(dataset, agent: str):
-    """A preference dataset from a ``datasets.Dataset`` or a path (validated either way)."""
+    """A preference dataset from a ``datasets.Dataset``, a path, or a labeling database URL
+    (``sqlite:///prefs.db``, ``postgresql://...``: the human labels of ``rlhf-zoo label``); validated either way."""
     from rlhfgym.envs.feedback.preferences import load_preferences, validate_preferences
 
     if dataset is None:
         return None
+    if isinstance(dataset, str) and "://" in dataset:
+        from rlhfgym.envs.feedback.store import is_database_url, read_preferences  # needs the [label] extra
+
+        if is_database_url(dataset):
+            return read_preferences(dataset)
     if isinstance(dataset, (str, Path)):
         return load_preferences(dataset)
     if hasattr(dataset, "column_names"):
@@ -289,7 +295,8 @@ class DPO(TrainingAgent):
             labels; the preference model on RLHF-Summarize-v0); labeler_temperature /
             labeler_flip_prob override the preset's; soft_labels keeps the labeler's probability
             as ``label_prob`` instead of a hard click.
-        dataset: a path to a preference dataset (JSON-serialisable form of ``learn(dataset=...)``).
+        dataset: a path to a preference dataset (JSON-serialisable form of ``learn(dataset=...)``), or the URL
+            of a labeling database (``sqlite:///prefs.db``: the human labels of ``rlhf-zoo label``).
     """
 
     @dataclass

@@ -84,8 +84,21 @@ def test_play_passes_arguments(monkeypatch) -> None:
     argv = ["play", "RLHF-Summarize-Gold-v0", "--n", "3", "--split", "validation", "--seed", "7", "--temperature", "0.5"]
     assert cli.main(argv) == 0
     assert calls == [
-        (("RLHF-Summarize-Gold-v0",), dict(n=3, split="validation", seed=7, device="cpu", temperature=0.5))
+        (("RLHF-Summarize-Gold-v0",), dict(n=3, split="validation", seed=7, device="cpu", temperature=0.5, agent_dir=None))
     ]
+
+
+def test_play_takes_a_run_dir_or_an_agent_dir(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(cli, "check_env_id", lambda env_id: None)
+    calls = fake_impl(monkeypatch, "rlhfgym.zoo.play", "play")
+    run = tmp_path / "run"
+    (run / "agent").mkdir(parents=True)
+    (run / "agent" / "agent.json").write_text("{}")
+    for given in (run, run / "agent"):
+        assert cli.main(["play", "RLHF-Summarize-Gold-v0", "--agent", str(given)]) == 0
+    assert [c[1]["agent_dir"] for c in calls] == [str(run / "agent")] * 2
+    assert cli.main(["play", "RLHF-Summarize-Gold-v0", "--agent", str(tmp_path)]) == 2
+    assert "no agent.json there or in its agent/" in capsys.readouterr().err
 
 
 def test_build_assets_passes_arguments(monkeypatch) -> None:

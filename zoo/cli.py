@@ -233,14 +233,23 @@ def _play_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--temperature", type=non_negative_float, default=1.0,
                    help="sampling temperature; 0 is greedy (default: 1.0)")
+    p.add_argument("--agent", default=None, metavar="DIR",
+                   help="a trained agent to play: a run directory (its agent/) or an agent directory (default: the SFT policy)")
 
 
 def _play(args: argparse.Namespace) -> Any:
     check_env_id(args.env_id)
+    agent_dir = None
+    if args.agent is not None:
+        agent_dir = Path(args.agent)
+        if (agent_dir / "agent" / "agent.json").is_file():  # a run directory
+            agent_dir = agent_dir / "agent"
+        if not (agent_dir / "agent.json").is_file():
+            raise ValueError(f"--agent {args.agent}: no agent.json there or in its agent/; pass a run directory "
+                             "written by rlhf-zoo train (or its agent/ subdirectory).")
     play = load_impl("rlhfgym.zoo.play", "play")
-    return play(
-        args.env_id, n=args.n, split=args.split, seed=args.seed, device=args.device, temperature=args.temperature
-    )
+    return play(args.env_id, n=args.n, split=args.split, seed=args.seed, device=args.device,
+                temperature=args.temperature, agent_dir=None if agent_dir is None else str(agent_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +269,9 @@ def _build_assets_args(p: argparse.ArgumentParser) -> None:
         help="build these parts (default tokenizer,sft): tokenizer, sft, reward, reward_fact, preference, judge, "
         "or feedback for the last four",
     )
+    p.add_argument("--preferences", metavar="URL", default=None,
+                   help="with --only reward and --out DIR: train the reward model on the human labels of a labeling "
+                   "database (rlhf-zoo label --db URL), e.g. sqlite:///prefs.db")
     scale = p.add_argument_group("feedback parts: the build's scale")
     scale.add_argument("--prompts", type=positive_int, default=None, metavar="N", help="train prompts (default 20000)")
     scale.add_argument("--heldout-prompts", type=positive_int, default=None, metavar="N", help="held-out prompts (default 2000)")
@@ -276,6 +288,9 @@ def _build_assets(args: argparse.Namespace) -> Any:
     flags = {"n_train_prompts": args.prompts, "n_heldout_prompts": args.heldout_prompts, "gen_batch_size": args.gen_batch_size,
              "rm_epochs": args.rm_epochs, "pm_max_pairs": args.pm_pairs}
     feedback = {k: v for k, v in flags.items() if v is not None}
+    if args.preferences is not None:  # the human labels of a labeling database (rlhf-zoo label)
+        return build_assets(version=args.version, out=args.out, seed=args.seed, device=args.device, only=only,
+                            preferences=args.preferences)
     return build_assets(version=args.version, out=args.out, seed=args.seed, device=args.device, only=only,
                         feedback=feedback or None)
 
@@ -295,11 +310,37 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     env.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     env.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (default: 3)")
     env.set_defaults(bench=_bench_env)
+    threads = targets.add_parser(
+        "threads", help="env.step calls/s by torch thread count, as the machine is and with one more core busy",
+        parents=[common_options()])
+    threads.add_argument("--num-envs", type=positive_int, default=32, help="rows of the vector env (default: 32)")
+    threads.add_argument("--seconds", type=positive_float, default=5.0, help="seconds a measurement (default: 5)")
+    threads.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats, median shown (default: 3)")
+    threads.set_defaults(bench=_bench_threads)
+    sb3 = targets.add_parser(
+        "sb3", help="SB3 PPO rollout env steps/s with LMActorCriticPolicy's KV cache and without; "
+        "with --minutes, SB3 PPO against rlhf-gym's PPO for that long", parents=[common_options()])
+    sb3.add_argument("--num-envs", type=positive_int, default=16, help="SB3 envs (default: 16)")
+    sb3.add_argument("--steps", type=positive_int, default=64, help="rollout steps a measurement (default: 64)")
+    sb3.add_argument("--repeats", type=positive_int, default=3, help="interleaved repeats, median shown (default: 3)")
+    sb3.add_argument("--minutes", type=non_negative_float, default=0.0,
+                     help="also train SB3 PPO and rlhf-gym's PPO this long each and report test gold (default: 0, off)")
+    sb3.set_defaults(bench=_bench_sb3)
 
 
 def _bench_env(args: argparse.Namespace) -> Any:
     bench_env = load_impl("rlhfgym.zoo.bench", "bench_env")
     return bench_env(batch=args.batch, max_new_tokens=args.max_new_tokens, device=args.device, repeats=args.repeats)
+
+
+def _bench_threads(args: argparse.Namespace) -> Any:
+    bench_threads = load_impl("rlhfgym.zoo.bench", "bench_threads")
+    return bench_threads(num_envs=args.num_envs, seconds=args.seconds, repeats=args.repeats)
+
+
+def _bench_sb3(args: argparse.Namespace) -> Any:
+    bench_sb3 = load_impl("rlhfgym.zoo.bench", "bench_sb3")
+    return bench_sb3(num_envs=args.num_envs, steps=args.steps, repeats=args.repeats, minutes=args.minutes)
 
 
 def _bench(args: argparse.Namespace) -> Any:
@@ -360,7 +401,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=positive_int, default=200, help="number of prompts, the split's first (default: 200)")
     p.add_argument("--samples", type=positive_int, default=1, help="completions per prompt (default: 1)")
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="sampling temperature; 0 is greedy (default: 1)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="evaluation seed (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=None,
+                   help="sampling seed (default: the run's own seed, as train and benchmark evaluate)")
     p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: the run's device)")
 
 
@@ -397,8 +439,74 @@ def _benchmark(args: argparse.Namespace) -> Any:
                          backend=args.backend, address=args.address, out=args.out)
 
 
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="a registered study, e.g. method-ranking (rlhfgym.zoo.study.registered() lists them), "
+                                "or the path of a study YAML file")
+    p.add_argument("--preset", choices=("quick", "full"), default="quick",
+                   help="quick: a 2-core CPU, <= 45 min; full: sized for one GPU (default: quick)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds 0..N-1 (default: the preset's)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local", help="run locally one by one, or as Ray tasks")
+    p.add_argument("--out", default="runs", help="output directory (default: runs/); runs and the report go to OUT/NAME/PRESET/")
+
+
+def _study(args: argparse.Namespace) -> Any:
+    run_study = load_impl("rlhfgym.zoo.study", "run_study")
+    return run_study(args.name, preset=args.preset, seeds=args.seeds, backend=args.backend, device=args.device, out=args.out)
+
+
+# --------------------------------------------------------------------------------------------
+# label: the human A/B labeling page
+# --------------------------------------------------------------------------------------------
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {text}")
+    return value
+
+
+def _label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, metavar="URL",
+                   help="database URL: sqlite:///prefs.db (a file, created if missing) or postgresql://user:pw@host/db")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pairs", metavar="FILE", default=None,
+                     help='add the pairs of a JSONL file ({"prompt", "completion_a", "completion_b"} per line)')
+    src.add_argument("--from-policies", type=comma_list, default=None, metavar="A,B",
+                     help="add pairs sampled by two policies on --env's prompts: sft or a run directory of rlhf-zoo train")
+    p.add_argument("--env", dest="env_id", default=None, metavar="ID",
+                   help="env whose prompts (--from-policies), reward model (admin view) and features (--select active) are used")
+    p.add_argument("--n", type=positive_int, default=100, help="prompts to sample pairs on (default: 100)")
+    p.add_argument("--split", choices=SPLITS, default="train", help="prompt split for --from-policies (default: train)")
+    p.add_argument("--overlap", type=_fraction, default=0.0,
+                   help="fraction of new pairs shown to several labelers, for inter-annotator agreement (default: 0)")
+    p.add_argument("--labelers-per-overlap", type=positive_int, default=2,
+                   help="how many labelers see an overlapping pair (default: 2)")
+    p.add_argument("--select", choices=("random", "active"), default="random",
+                   help="serving order: random, or active (reward-model ensemble disagreement first; needs --env)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default: 8000)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampling and of the overlap draw (default: 0)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--export", metavar="FILE", default=None,
+                   help="write the labels in the preference schema (FILE.jsonl: JSONL, else a datasets directory) and exit")
+
+
+def _label(args: argparse.Namespace) -> Any:
+    if args.env_id:
+        check_env_id(args.env_id)
+    label_command = load_impl("rlhfgym.zoo.label.serve", "label_command")
+    return label_command(args.db, pairs=args.pairs, from_policies=args.from_policies, env_id=args.env_id, n=args.n,
+                         split=args.split, overlap=args.overlap, labelers_per_overlap=args.labelers_per_overlap,
+                         select=args.select, host=args.host, port=args.port, seed=args.seed, device=args.device,
+                         export=args.export)
+
+
 COMMANDS: list[Command] = [
     Command("play", "sample completions in an environment and show their rewards", _play_args, _play),
+    Command("label", "serve the A/B human labeling page; labels go to a database (SQLite or PostgreSQL)",
+            _label_args, _label),
     Command("build-assets", "rebuild the frozen assets (tokenizer, SFT policy, reward model)", _build_assets_args, _build_assets),
     Command("bench", "measure throughput", _bench_args, _bench),
     Command("train", "train one agent on one env and evaluate it against SFT", _train_args, _train),
@@ -407,6 +515,8 @@ COMMANDS: list[Command] = [
             _leaderboard_args, _leaderboard),
     Command("benchmark", "run a registered benchmark (every agent x env x budget x seed), then its leaderboard",
             _benchmark_args, _benchmark),
+    Command("study", "run a registered study of a seed's claim (arms x seeds), then its table, JSON and plot",
+            _study_args, _study),
 ]
 
 

@@ -82,6 +82,7 @@ __all__ = [
     "build_preference_data",
     "build_reward_model",
     "build_fact_reward_model",
+    "build_reward_from_preferences",
     "build_preference_model",
     "build_judge",
     "build_all_feedback",
@@ -659,6 +660,70 @@ def _rm_prefers_a(rm, pairs: PairSet) -> np.ndarray:
 
     ra, rb = pair_scores(rm, {"prompt": pairs.prompts, "chosen": pairs.a, "rejected": pairs.b})
     return (ra > rb).numpy()
+
+
+def build_reward_from_preferences(
+    root,
+    url: str,
+    device: str = "cpu",
+    seed: int = 0,
+    *,
+    heldout_fraction: float = 0.1,
+    epochs: int = 4,
+    lr: float = 3e-4,
+    batch_size: int = 32,
+    n_layers: int | None = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the Bradley-Terry reward model on the labels of a labeling database (``rlhf-zoo label``)
+    into ``root/"reward"``, as :func:`build_reward_model` does on simulated labels: same backbone (the
+    SFT policy's first ``n_layers`` layers), loss and fp16 storage. A seeded ``heldout_fraction`` of
+    the records (at least one when there are ten or more) is held out for accuracy; rewards are
+    shifted to mean 0 on the labelled completions. Returns metrics (also in ``reward/build_metrics.json``)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..feedback.reward_model import evaluate_reward_model
+    from ..feedback.store import PreferenceStore, StoreError, describe_url
+    from .training import train_reward_model
+
+    t0 = time.time()
+    root = _root(root)
+    with PreferenceStore(url, create=False) as store:
+        rows = store.preference_records()
+    if not rows:
+        where = describe_url(url)
+        raise StoreError(f"{where} has no answered labels yet (skips do not count); label some with `rlhf-zoo label --db {where}`.")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, int(len(rows) * heldout_fraction)) if len(rows) >= 10 else 0
+    cols = PreferenceRecords.COLUMNS
+
+    def records(idx):
+        return PreferenceRecords(*([rows[i][c] for i in idx] for c in cols))
+
+    train, heldout = records(order[n_held:]), records(order[:n_held])
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+    norm = (train["prompt"] * 2, train["chosen"] + train["rejected"])
+    rm = train_reward_model(truncated_backbone(root / "sft", n_layers), tokenizer, train, heldout if len(heldout) else None,
+                            epochs=epochs, lr=lr, batch_size=batch_size, device=device, seed=seed, progress=progress,
+                            max_length=256, normalise_on=norm)
+    _round_fp16_(rm.model)
+    rm.normalise(*norm)
+    ev = evaluate_reward_model(rm, heldout) if len(heldout) else {}
+    metrics = {
+        "source": "labeling database", "n_records": len(rows), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
+        "heldout_accuracy": ev.get("accuracy"), "heldout_loss": ev.get("loss"),
+        "n_layers": rm.model.config.num_hidden_layers, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+        "offset": rm.offset, "history": rm.history, "seconds_train": round(time.time() - t0, 1),
+    }
+    with atomic_save_dir(root / "reward") as tmp:
+        _store_fp16(tmp, rm.model, save=rm.save)
+        metrics["seconds"] = round(time.time() - t0, 1)
+        (tmp / "build_metrics.json").write_text(_json(metrics))
+        _make_readable(tmp)
+    acc = "n/a (fewer than 10 labels)" if ev.get("accuracy") is None else f"{ev['accuracy']:.3f}"
+    _log(progress, f"reward (from {len(rows)} labels of the database): held-out accuracy {acc} ({metrics['seconds']}s)")
+    return metrics
 
 
 def build_fact_reward_model(root=None, device: str = "cpu", seed: int = 0, **kwargs) -> dict[str, Any]:

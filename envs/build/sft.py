@@ -239,7 +239,8 @@ FEEDBACK_SCALE_FLAGS = {"n_train_prompts": "prompts", "n_heldout_prompts": "held
 
 def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 0, device: str = "cpu",
                  only: str | None = None, sft_config: SFTConfig | None = None, progress: bool = True,
-                 eval_articles: int = 200, feedback: dict | None = None, work_dir=None) -> Path:
+                 eval_articles: int = 200, feedback: dict | None = None, work_dir=None,
+                 preferences: str | None = None) -> Path:
     """Rebuild the frozen assets of ``version`` into ``out`` (default: the package's asset dir).
 
     ``only``: comma-separated :data:`~rlhfgym.envs.assets.COMPONENTS` (``"feedback"`` = the four feedback
@@ -251,6 +252,11 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     Feedback parts are resumable: their sampled data, finished parts and snapshots of the model in
     training are kept in ``work_dir`` (default :func:`~.checkpoint.default_work_dir`), so the same
     command run again after a kill goes on where it stopped. The work dir is deleted on success.
+
+    ``preferences``: a labeling database URL (``rlhf-zoo label --db URL``): ``only="reward"`` then trains
+    the reward model on its human labels (:func:`.feedback.build_reward_from_preferences`) instead of
+    simulated ones. It needs ``out`` (the shipped reward model of ``RLHF-Summarize-v0`` never changes);
+    a new ``out`` gets a copy of the shipped tokenizer and SFT policy, which the reward model reads with.
     """
     from ..assets import COMPONENTS, FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir
 
@@ -266,6 +272,8 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     bad = set(feedback) - set(FEEDBACK_SCALE_FLAGS)
     if bad:
         raise ValueError(f"unknown feedback scale keys {sorted(bad)}; use {', '.join(FEEDBACK_SCALE_FLAGS)}.")
+    if preferences is not None:
+        return _build_reward_from_preferences(version, out, parts, preferences, seed, device, progress)
     task = NewsTask(seed=0)
     cfg = sft_config or SFTConfig(seed=seed)
     t0 = time.time()
@@ -304,6 +312,35 @@ def build_assets(version: str = "micro-v0", out: str | None = None, seed: int = 
     if steps:
         command += "".join(f" --{FEEDBACK_SCALE_FLAGS[k]} {v}" for k, v in sorted(feedback.items()))
     record_build(target, parts, command, seed, time.time() - t0, extra)
+    return target
+
+
+def _build_reward_from_preferences(version: str, out, parts: set, url: str, seed: int, device: str, progress: bool) -> Path:
+    """``build_assets(only="reward", preferences=URL, out=DIR)``: the reward model of DIR from a labeling database."""
+    from ..assets import asset_dir, atomic_save_dir, load_micro_assets
+    from ..feedback.store import describe_url
+    from .feedback import build_reward_from_preferences
+
+    if parts != {"reward"}:
+        raise ValueError(f"--preferences trains the reward model only; use --only reward (got {', '.join(sorted(parts))}).")
+    if not out:
+        raise ValueError("--preferences trains a reward model on your labels; pass --out DIR so it does not replace the "
+                         f"shipped reward model of {version} (RLHF-Summarize-v0 keeps its meaning).")
+    target = Path(out)
+    if target.resolve() == asset_dir(version, must_exist=False).resolve():
+        raise ValueError(f"--out {out} is the shipped {version} assets; pass another directory.")
+    t0 = time.time()
+    target.mkdir(parents=True, exist_ok=True)
+    shipped = load_micro_assets(version)
+    for part in ("tokenizer", "sft"):  # the reward model reads with the shipped tokenizer and starts from the SFT policy
+        if not (target / part).is_dir():
+            with atomic_save_dir(target / part) as tmp:
+                shutil.copytree(shipped.root / part, tmp, dirs_exist_ok=True)
+    metrics = build_reward_from_preferences(target, url, device, seed, progress=progress)
+    command = (f"rlhf-zoo build-assets --version {version} --seed {seed} --device {device} --only reward "
+               f"--out {out} --preferences {describe_url(url)}")
+    record_build(target, {"reward"}, command, seed, time.time() - t0, {"preference_metrics": {
+        k: metrics[k] for k in ("n_records", "n_train_pairs", "n_heldout_pairs", "heldout_accuracy")}})
     return target
 
 
