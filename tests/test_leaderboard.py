@@ -21,16 +21,17 @@ QUALITY = {
 }
 
 
-def write_run(root, algo, seed, *, gold, kl=1.0, budget=64, quality=None, prompts=PROMPTS, temperature=1.0):
+def write_run(root, algo, seed, *, gold, kl=1.0, budget=64, quality=None, prompts=PROMPTS, temperature=1.0, env=ENV,
+              judge=None):
     """A run's eval.json (or, at another temperature, its eval-t<T>.json) evaluated with the run's seed."""
-    run = root / algo / ENV / f"seed{seed}"
+    run = root / algo / env / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     stat = lambda v: {"mean": v, "se": 0.01}  # noqa: E731
     record = {
-        "format": FORMAT_VERSION, "algo": algo, "env_id": ENV, "seed": seed, "budget": budget,
+        "format": FORMAT_VERSION, "algo": algo, "env_id": env, "seed": seed, "budget": budget,
         "protocol": {"split": "test", "prompts": prompts, "samples": 1, "temperature": temperature, "seed": seed},
         "metrics": {"gold": stat(gold), "proxy": stat(gold + 0.1), "kl": {**stat(kl), "method": "monte-carlo"},
-                    "win_rate_labelers": stat(0.6), "win_rate_judge": None, "length": stat(12.0), "eos_rate": stat(1.0),
+                    "win_rate_labelers": stat(0.6), "win_rate_judge": None if judge is None else stat(judge), "length": stat(12.0), "eos_rate": stat(1.0),
                     "distinct_1": 0.5, "distinct_2": 0.8, "completions": prompts},
         "sft": {"gold": stat(0.4), "proxy": stat(0.4), "kl": {**stat(0.0), "method": "monte-carlo"}},
         "hyperparams": {}, "versions": {}, "machine": {},
@@ -147,6 +148,17 @@ def test_broken_eval_files_are_reported_and_left_out(tmp_path):
     assert all(r["bt_strength"] == "" for r in rows)
     assert "needs completions of at least two agents" in paths["md"].read_text()
     assert paths["md"].parent == runs
+
+
+def test_the_judge_win_rate_is_a_compact_column_only_where_the_env_has_a_judge(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "good", 0, gold=0.8)
+    write_run(runs, "good", 0, gold=0.7, env="RLHF-Summarize-AIF-v0", judge=0.62)
+    md = write_leaderboard(runs, progress=False)["md"].read_text()
+    aif = md[md.index("## RLHF-Summarize-AIF-v0"):md.index("### All metrics, RLHF-Summarize-AIF-v0")]
+    gold = md[md.index(f"## {ENV}"):md.index(f"### All metrics, {ENV}")]
+    assert "win rate vs SFT (judge)" in aif and "| 0.620 (n=1) |" in aif
+    assert "win rate vs SFT (judge)" not in gold
 
 
 def test_a_fixed_evaluation_seed_is_its_own_protocol_group(tmp_path):

@@ -263,7 +263,7 @@ class Benchmark:
                 "agents": None if self.agents is None else list(self.agents),
                 "budgets": {k: list(v) for k, v in self.budgets.items()}, "seeds": list(self.seeds),
                 "eval": self.eval.to_dict(), "hyperparams": {k: dict(v) for k, v in self.hyperparams.items()},
-                "source": self.source}
+                "source": shipped_source(self.source)}
 
     # ---------------------------------------------------------------- expansion
     def agent_names(self) -> list[str]:
@@ -314,6 +314,15 @@ class Benchmark:
                                         device=device, overrides=dict(self.hyperparams.get(agent, {})),
                                         protocols=tuple(self.eval.for_run(int(seed)))))
         return runs
+
+
+def shipped_source(source: str) -> str:
+    """A shipped benchmark's file as ``zoo/benchmarks/<file>`` (no machine's path in a committed
+    ``benchmark.json``); any other source as given."""
+    try:
+        return (Path("zoo/benchmarks") / Path(source).resolve().relative_to(BENCHMARKS_DIR)).as_posix()
+    except (ValueError, OSError):
+        return source
 
 
 def _check_protocol(p: EvalProtocol, where: str) -> None:

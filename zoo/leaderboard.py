@@ -312,7 +312,7 @@ def _protocol_text(p: dict[str, Any]) -> str:
 
 
 #: the columns of each env's first, compact table
-SUMMARY_METRICS = ("gold", "proxy", "kl", "win_rate_labelers")
+SUMMARY_METRICS = ("gold", "proxy", "kl", "win_rate_labelers", "win_rate_judge")  # each where the env has it
 
 
 def markdown(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
@@ -335,7 +335,7 @@ def markdown(rows: Sequence[dict[str, Any]], fits: dict[str, Any]) -> str:
                                                 -(r["metrics"]["gold"]["mean"] or -math.inf)))
         # the columns people compare first (the README quotes these tables), one table a protocol;
         # every metric follows
-        summary = [m for m in SUMMARY_METRICS if m in metrics]
+        summary = [m for m in SUMMARY_METRICS if any(r["metrics"][m]["mean"] is not None for r in env_rows)]
         head = ["agent", "budget", "seeds", *(TITLES[m] for m in summary), "BT strength"]
         protocols = list(dict.fromkeys(_protocol_text(r["protocol"]) for r in order))
         for text in protocols:
