@@ -574,6 +574,19 @@ def _label(spec: Mapping[str, Any]) -> str:
     return f"{spec['env_id']} {spec['agent']} b{spec['budget']} seed{spec['seed']}"
 
 
+def execute_runs(specs: list[dict], *, backend: str = "local", device: str = "cpu", address: str | None = None,
+                 bar=None, progress: bool = True) -> list[dict]:
+    """:func:`execute_run` on every spec (``Run.to_dict()``), in order or as Ray tasks; returns one result a
+    spec, in order. A failed run does not stop the others: its traceback goes to the run dir's
+    :data:`ERROR_FILE` and its result has ``status`` "failed" and a one-line ``error``. ``bar``: a tqdm
+    bar to advance (default: none)."""
+    if bar is None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(specs), disable=True)
+    return _run_local(specs, bar, progress) if backend == "local" else _run_ray(specs, bar, device, address)
+
+
 def _run_local(specs: list[dict], bar, progress: bool) -> list[dict]:
     results = []
     for spec in specs:
@@ -674,7 +687,7 @@ def run_benchmark(name: str | os.PathLike, *, agents: Sequence[str] | None = Non
         bar = tqdm(total=len(runs), initial=len(finished), desc=f"benchmark {bench.name}", unit="run", disable=not progress)
         try:
             if todo:
-                done = _run_local(todo, bar, progress) if backend == "local" else _run_ray(todo, bar, device, address)
+                done = execute_runs(todo, backend=backend, device=device, address=address, bar=bar, progress=progress)
                 results.update({r["run_dir"]: r for r in done})
         finally:
             bar.close()

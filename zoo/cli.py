@@ -448,11 +448,13 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--backend", choices=("local", "ray"), default="local", help="run locally one by one, or as Ray tasks")
     p.add_argument("--out", default="runs", help="output directory (default: runs/); runs and the report go to OUT/NAME/PRESET/")
+    p.add_argument("--report-only", action="store_true", help="run nothing: write the report of the runs finished so far")
 
 
 def _study(args: argparse.Namespace) -> Any:
     run_study = load_impl("rlhfgym.zoo.study", "run_study")
-    return run_study(args.name, preset=args.preset, seeds=args.seeds, backend=args.backend, device=args.device, out=args.out)
+    return run_study(args.name, preset=args.preset, seeds=args.seeds, backend=args.backend, device=args.device, out=args.out,
+                     report_only=args.report_only)
 
 
 # --------------------------------------------------------------------------------------------
