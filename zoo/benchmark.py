@@ -441,7 +441,8 @@ def load_benchmark(name: str | os.PathLike) -> Benchmark:
 # ---------------------------------------------------------------------------------------------- one run
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -478,7 +479,7 @@ def run_finished(run: Run | Mapping[str, Any]) -> bool:
     """Every evaluation file of the run exists, is valid JSON, and matches the benchmark's protocol."""
     spec = run.to_dict() if isinstance(run, Run) else run
     run_dir = Path(spec["run_dir"])
-    return all(protocol_matches(_read_json(run_dir / _eval_name(i, p)), p) for i, p in enumerate(spec["protocols"]))
+    return all(protocol_matches(read_json_object(run_dir / _eval_name(i, p)), p) for i, p in enumerate(spec["protocols"]))
 
 
 def execute_run(spec: Mapping[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -499,7 +500,7 @@ def execute_run(spec: Mapping[str, Any], progress: bool = True) -> dict[str, Any
         _evaluate_missing(run_dir, protocols, spec["device"], progress)
         status = "trained"
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
-    return {"run_dir": str(run_dir), "status": status, "eval": _read_json(run_dir / "eval.json")}
+    return {"run_dir": str(run_dir), "status": status, "eval": read_json_object(run_dir / "eval.json")}
 
 
 def _evaluate_missing(run_dir: Path, protocols: list[Mapping[str, Any]], device: str, progress: bool) -> None:
@@ -511,15 +512,15 @@ def _evaluate_missing(run_dir: Path, protocols: list[Mapping[str, Any]], device:
     def evaluate(p: Mapping[str, Any]) -> None:
         evaluate_run(str(run_dir), split=p["split"], prompts=p["prompts"], samples=p["samples"],
                      temperature=p["temperature"], seed=p["seed"], device=device, progress=progress)
-        if not protocol_matches(_read_json(run_dir / "eval.json"), p):
+        if not protocol_matches(read_json_object(run_dir / "eval.json"), p):
             raise RuntimeError(f"evaluate_run wrote {run_dir / 'eval.json'} without the protocol it was asked for ({dict(p)}).")
 
     primary = protocols[0]
-    if not protocol_matches(_read_json(run_dir / "eval.json"), primary):
+    if not protocol_matches(read_json_object(run_dir / "eval.json"), primary):
         evaluate(primary)
     for i, p in enumerate(protocols[1:], start=1):
         target = run_dir / _eval_name(i, p)
-        if protocol_matches(_read_json(target), p):
+        if protocol_matches(read_json_object(target), p):
             continue
         kept = [(run_dir / n, run_dir / f".{n}.primary") for n in ("eval.json", "completions.jsonl")]
         for src, bak in kept:
@@ -682,7 +683,7 @@ def run_benchmark(name: str | os.PathLike, *, agents: Sequence[str] | None = Non
         atomic_write_text(root / SPEC_FILE, json.dumps(record, indent=2) + "\n")
         finished = [r for r in runs if run_finished(r)]
         todo = [r for r in runs if not run_finished(r)]
-        results = {r["run_dir"]: {"run_dir": r["run_dir"], "status": "finished", "eval": _read_json(Path(r["run_dir"]) / "eval.json")}
+        results = {r["run_dir"]: {"run_dir": r["run_dir"], "status": "finished", "eval": read_json_object(Path(r["run_dir"]) / "eval.json")}
                    for r in finished}
         bar = tqdm(total=len(runs), initial=len(finished), desc=f"benchmark {bench.name}", unit="run", disable=not progress)
         try:

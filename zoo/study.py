@@ -362,14 +362,6 @@ def run_study(name: str | os.PathLike, *, preset: str = "quick", seeds: int | No
 # ---------------------------------------------------------------------------------------------- analysis
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _value(record: dict | None, metric: str, block: str = "metrics") -> float | None:
     if record is None:
         return None
@@ -382,12 +374,12 @@ def _value(record: dict | None, metric: str, block: str = "metrics") -> float | 
 def collect(study: Study, root: str | os.PathLike) -> dict[str, dict[float, dict[int, dict]]]:
     """``{arm label: {temperature: {seed: eval record}}}`` of every finished evaluation below ``root``;
     the reference row (π_ref) is read from each record's ``sft`` block under the label ``study.reference``."""
-    from rlhfgym.zoo.benchmark import protocol_matches
+    from rlhfgym.zoo.benchmark import protocol_matches, read_json_object
 
     found: dict[str, dict[float, dict[int, dict]]] = {}
     for arm, spec in study.runs(root):
         for i, protocol in enumerate(spec["protocols"]):
-            record = _read_json(Path(spec["run_dir"]) / eval_file(i, protocol["temperature"]))
+            record = read_json_object(Path(spec["run_dir"]) / eval_file(i, protocol["temperature"]))
             if record is not None and protocol_matches(record, protocol):
                 record["run_dir"] = spec["run_dir"]
                 found.setdefault(arm.label, {}).setdefault(float(protocol["temperature"]), {})[spec["seed"]] = record
