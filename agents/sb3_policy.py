@@ -93,14 +93,15 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
         #: rollout cache: on for no-grad eval-mode calls (set False to always run the full forward)
         self.use_cache = True
         self._rollout: IncrementalLM | None = None
-        self._last_obs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        #: (input_ids, attention_mask, features) of the last cached call
+        self._last_call: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def body(self) -> nn.Module:
         return self.lm.base_model
 
     def train(self, mode: bool = True):
-        self._rollout, self._last_obs = None, None  # SB3 switches mode around every update: the weights may move
+        self._rollout, self._last_call = None, None  # SB3 switches mode around every update: the weights may move
         return super().train(mode)
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -119,11 +120,11 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
         """The full forward's features, computing only the new token of rows that continue their last observation."""
         rows, width = ids.shape
         features = torch.empty(rows, self.features_dim, device=ids.device)
-        if self._last_obs is None or self._last_obs[0].shape != ids.shape:
+        if self._last_call is None or self._last_call[0].shape != ids.shape:
             self._rollout = IncrementalLM(self.lm, rows, width, keep_hidden=True, cuda_graph=False)
             same = continuing = torch.zeros(rows, dtype=torch.bool, device=ids.device)
         else:
-            last_ids, last_att, last_features = self._last_obs
+            last_ids, last_att, last_features = self._last_call
             # the same observation again (SB3's predict_values after a step): the same features
             same = ((ids == last_ids) & (att == last_att)).all(1)
             features[same] = last_features[same]
@@ -138,7 +139,7 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
         if restart.numel():
             self._rollout.reset_rows(restart, ids[restart], att[restart])
             features[restart] = self._rollout.hidden.float()
-        self._last_obs = (ids, att, features)
+        self._last_call = (ids, att, features)
         return features
 
 

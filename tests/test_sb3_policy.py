@@ -93,7 +93,7 @@ def test_rollout_cache_gives_the_full_forward_features(monkeypatch):
         extractor.use_cache = True
     assert extractor._rollout.batch_size == 2 and sum(prefilled) == 12 + 2
     model.policy.set_training_mode(True)  # an update may move the weights: the cache is dropped
-    assert extractor._rollout is None and extractor._last_obs is None
+    assert extractor._rollout is None and extractor._last_call is None
 
 
 def test_single_env_learns_and_round_trips(tmp_path):

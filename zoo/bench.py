@@ -223,15 +223,14 @@ def _sb3_rollout_steps_per_s(model, venv, steps: int, cached: bool) -> float:
     return steps * venv.num_envs / (time.perf_counter() - t0)
 
 
-def _gold(core, policy_lm, n: int = 200, seed: int = 0) -> float:
+def _gold(env, policy_lm, n: int = 200, seed: int = 0) -> float:
     """Mean gold of one sample per test prompt from ``policy_lm`` (the shared KV-cached sampler)."""
     from rlhfgym.agents.policy import CausalLMPolicy
 
-    pol = CausalLMPolicy(policy_lm, core.tokenizer, max_prompt_tokens=core.core.max_prompt_tokens,
-                         max_new_tokens=core.max_new_tokens)
-    prompts = core.prompts("test", n)
+    pol = CausalLMPolicy.from_env(env, model=policy_lm)
+    prompts = env.prompts("test", n)
     torch.manual_seed(seed)
-    return float(sum(core.gold(prompts, pol.sample(prompts).texts)) / n)
+    return float(sum(env.gold(prompts, pol.sample(prompts).texts)) / n)
 
 
 def bench_sb3(env_id: str = "RLHF-Summarize-Gold-v0", num_envs: int = 16, steps: int = 64, repeats: int = 3,
@@ -273,7 +272,6 @@ def _race_ppo(env_id: str, venv, model, minutes: float) -> list[dict]:
 
     from rlhfgym.agents import make
 
-    core = venv
     deadline_s = minutes * 60
 
     class Deadline(BaseCallback):
@@ -283,12 +281,12 @@ def _race_ppo(env_id: str, venv, model, minutes: float) -> list[dict]:
         def _on_step(self) -> bool:
             return time.perf_counter() - self.t0 < deadline_s
 
-    before = _gold(core, model.policy.features_extractor.lm)
+    before = _gold(venv, model.policy.features_extractor.lm)
     t0 = time.perf_counter()
     model.learn(total_timesteps=10**9, callback=Deadline())
     sb3_s = time.perf_counter() - t0
     rows = [{"agent": "SB3 PPO (LMActorCriticPolicy)", "seconds": sb3_s, "env_steps": int(model.num_timesteps),
-             "gold_before": before, "gold_after": _gold(core, model.policy.features_extractor.lm)}]
+             "gold_before": before, "gold_after": _gold(venv, model.policy.features_extractor.lm)}]
 
     from rlhfgym.zoo.train import load_hyperparams
 

@@ -241,10 +241,10 @@ def _play(args: argparse.Namespace) -> Any:
     check_env_id(args.env_id)
     agent_dir = None
     if args.agent is not None:
-        agent_dir = Path(args.agent)
-        if (agent_dir / "agent" / "agent.json").is_file():  # a run directory
-            agent_dir = agent_dir / "agent"
-        if not (agent_dir / "agent.json").is_file():
+        from rlhfgym.zoo.train import saved_agent_dir
+
+        agent_dir = saved_agent_dir(args.agent)
+        if agent_dir is None:
             raise ValueError(f"--agent {args.agent}: no agent.json there or in its agent/; pass a run directory "
                              "written by rlhf-zoo train (or its agent/ subdirectory).")
     play = load_impl("rlhfgym.zoo.play", "play")

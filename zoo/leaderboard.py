@@ -241,6 +241,20 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ Bradley-Terry
 
 
+def keyed_completions(record: dict[str, Any], rows: Sequence[dict[str, Any]],
+                      components: dict[tuple[str, str], dict[str, float]]) -> dict[tuple[str, int], str]:
+    """A run's completions (``completions.jsonl`` rows) keyed by ``("<split>:<prompt index>", sample)``, so
+    two runs' answers to the same prompt meet; each ``(prompt key, text)``'s gold components are added to
+    ``components``, which the labelers read (``LabelerPopulation.preset(..., components_fn=...)``)."""
+    split = record["protocol"]["split"]
+    keyed = {}
+    for row in rows:
+        prompt = f"{split}:{row['prompt']}"
+        components[(prompt, row["text"])] = row["components"]
+        keyed[(prompt, row["sample"])] = row["text"]
+    return keyed
+
+
 def pairwise_outcomes(runs: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[tuple[str, str, float, float]]:
     """``(agent_a, agent_b, wins_a, wins_b)`` for every pair of runs of different agents and every
     (split, prompt, sample) both answered, judged by the labelers' majority (ties: half each)."""
@@ -249,13 +263,7 @@ def pairwise_outcomes(runs: Sequence[tuple[dict[str, Any], list[dict[str, Any]]]
     table: dict[tuple[str, str], dict[str, float]] = {}
     answers = []
     for record, rows in runs:
-        split = record["protocol"]["split"]
-        by_key = {}
-        for row in rows:
-            prompt = f"{split}:{row['prompt']}"
-            table[(prompt, row["text"])] = row["components"]
-            by_key[(prompt, row["sample"])] = row["text"]
-        answers.append((agent_label(record), by_key))
+        answers.append((agent_label(record), keyed_completions(record, rows, table)))
 
     def components(prompt: str, text: str) -> dict[str, float]:
         return table[(prompt, text)]
@@ -429,4 +437,4 @@ def write_leaderboard(runs_dir: str | os.PathLike, out_dir: str | os.PathLike | 
 
 
 __all__ = ["write_leaderboard", "find_runs", "check_eval", "summarize", "bradley_terry", "pairwise_outcomes",
-           "read_completions", "primary_runs", "mean_ci", "student_t_quantile", "student_t_cdf", "agent_label", "LeaderboardWarning"]
+           "read_completions", "keyed_completions", "primary_runs", "mean_ci", "student_t_quantile", "student_t_cdf", "agent_label", "LeaderboardWarning"]

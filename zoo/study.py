@@ -559,7 +559,7 @@ def head_to_head(study: Study, by_arm: Mapping[str, Mapping[float, Mapping[int, 
     95% t-interval over the seeds both arms have (paired: seed k meets seed k). Each arm's worst case
     (``min``: the max-min criterion) is the smallest row mean with its interval."""
     from rlhfgym.envs.feedback.labelers import LabelerPopulation
-    from rlhfgym.zoo.leaderboard import mean_ci, read_completions
+    from rlhfgym.zoo.leaderboard import keyed_completions, mean_ci, read_completions
 
     t0 = study.temperatures[0]
     answers: dict[str, dict[int, dict[tuple, str]]] = {}
@@ -569,13 +569,7 @@ def head_to_head(study: Study, by_arm: Mapping[str, Mapping[float, Mapping[int, 
             rows = read_completions(record["run_dir"])
             if rows is None:
                 continue
-            split = record["protocol"]["split"]
-            keyed = {}
-            for row in rows:
-                prompt = f"{split}:{row['prompt']}"
-                table[(prompt, row["text"])] = row["components"]
-                keyed[(prompt, row["sample"])] = row["text"]
-            answers.setdefault(arm.label, {})[seed] = keyed
+            answers.setdefault(arm.label, {})[seed] = keyed_completions(record, rows, table)
     labels = [a.label for a in study.arms if a.label in answers]
     if len(labels) < 2:
         return None

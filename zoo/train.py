@@ -200,7 +200,7 @@ def _learn_kwargs(agent, out: Path, checkpoint_every: int | None = None) -> dict
     params = inspect.signature(agent.learn).parameters
     kw = {}
     if "checkpoint_dir" in params:
-        kw["checkpoint_dir"] = str(out / "agent")
+        kw["checkpoint_dir"] = str(out / AGENT_DIR)
     if checkpoint_every is not None:
         if "checkpoint_every" not in params:
             raise ValueError(f"{agent.name}: its learn() takes no checkpoint_every; drop the option "
@@ -243,13 +243,25 @@ def run_services(agent, out: Path, learn_kwargs: dict, callback=None):
         if writer is not None:
             writer.close()
     if "checkpoint_dir" not in learn_kwargs:
-        agent.save(out / "agent")
+        agent.save(out / AGENT_DIR)
 
 
 # ---------------------------------------------------------------------------------------------- run directories
 
 #: how the zoo keeps a run (checkpoints), not what it trains: taken out of the hyperparameters
 RUN_OPTIONS = ("checkpoint_every", "checkpoint_seconds")
+AGENT_DIR = "agent"  # a run directory's saved agent (its checkpoints and the final agent)
+
+
+def saved_agent_dir(path: str | os.PathLike) -> Path | None:
+    """Where the agent saved in ``path`` is: ``path/agent`` for a run directory, ``path`` itself for an
+    agent directory; None when neither holds an ``agent.json``."""
+    from rlhfgym.agents.base import CONFIG_FILE
+
+    path = Path(path)
+    return next((d for d in (path / AGENT_DIR, path) if (d / CONFIG_FILE).is_file()), None)
+
+
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
 LOCK_FILE = ".lock"

@@ -104,11 +104,12 @@ def policy_sampler(spec: str, core, device: str = "cpu"):
 
         policy = reference_policy(core)
         return "sft", lambda prompts: policy.generate_text(prompts, temperature=1.0)
-    path = Path(spec)
-    agent_dir = path / "agent" if (path / "agent").is_dir() else path
-    if not (agent_dir / "agent.json").is_file():
-        raise PairSourceError(f"--from-policies: {spec!r} is neither 'sft' nor a saved agent (no {agent_dir / 'agent.json'}); "
-                              "give sft or a run directory written by `rlhf-zoo train`.")
+    from rlhfgym.zoo.train import saved_agent_dir
+
+    agent_dir = saved_agent_dir(spec)
+    if agent_dir is None:
+        raise PairSourceError(f"--from-policies: {spec!r} is neither 'sft' nor a saved agent (no agent.json in it or in its "
+                              "agent/); give sft or a run directory written by `rlhf-zoo train`.")
     from rlhfgym.agents import load
 
     agent = load(agent_dir, device=device)
