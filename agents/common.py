@@ -13,6 +13,9 @@ Read top to bottom:
 * **Prompts**: :func:`draw_prompt_indices` / :func:`draw_prompts` (``n`` prompts of a split, a pure
   function of a seed, without replacement when the split is large enough) and
   :func:`stream_prompts` (``n`` prompts with replacement, a pure function of ``(seed, position)``).
+* **Rollouts through the token MDP**: :class:`EnvSampler` (an agent's vector view of its env, one
+  episode per row) and :class:`EnvRollout` (what one batch of episodes gave: tokens, the env's
+  per-step rewards and ``log pi_ref``, RM scores, gold, texts).
 * **Reports**: :func:`mean_gold` (the task's gold score of completions, reported, never trained on;
   ``None`` without a gold scorer: :meth:`TrainingRun.update` leaves a ``None`` metric out).
 * **Sequences as tensors**: :func:`pad_cat`, :func:`trim`, :func:`sequence_logps`, :func:`batched_logps`.
@@ -35,6 +38,7 @@ import typing
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from dataclasses import replace as dataclasses_replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +53,8 @@ __all__ = [
     "AgentConfig", "param", "parse_config", "check_range",
     "env_core", "reference_for", "reference_policy",
     "seed_everything", "sub_seed", "rng_state", "set_rng_state",
-    "draw_prompt_indices", "draw_prompts", "stream_prompts",
+    "draw_prompt_indices", "draw_prompts", "stream_prompt_indices", "stream_prompts",
+    "EnvSampler", "EnvRollout",
     "mean_gold",
     "pad_cat", "trim", "sequence_logps", "batched_logps",
     "labeler_population", "env_prefer", "as_preference_fn", "preference_probs",
@@ -270,13 +275,166 @@ def draw_prompts(core, n: int, seed: int, split: str = "train") -> list[str]:
     return [core.task.prompt(split, int(i)) for i in draw_prompt_indices(core, n, seed, split)]
 
 
-def stream_prompts(core, n: int, *, seed: int, position: int, split: str = "train") -> list[str]:
-    """``n`` prompts drawn with replacement from ``split``; a pure function of ``(seed, position)``
-    (``position``: completions spent so far), so a resumed run sees the prompts the uninterrupted
-    run would have seen."""
+def stream_prompt_indices(core, n: int, *, seed: int, position: int, split: str = "train") -> np.ndarray:
+    """Indices of ``n`` prompts drawn with replacement from ``split``; a pure function of ``(seed,
+    position)`` (``position``: completions spent so far), so a resumed run sees the prompts the
+    uninterrupted run would have seen."""
     size = core.task.split_size(split)
-    idx = np.random.default_rng([seed, position]).integers(size, size=n)
-    return [core.task.prompt(split, int(i)) for i in idx]
+    return np.random.default_rng([seed, position]).integers(size, size=n)
+
+
+def stream_prompts(core, n: int, *, seed: int, position: int, split: str = "train") -> list[str]:
+    """The prompts of :func:`stream_prompt_indices`."""
+    return [core.task.prompt(split, int(i)) for i in stream_prompt_indices(core, n, seed=seed, position=position, split=split)]
+
+
+# ============================================================================================
+# Rollouts through the token MDP
+# ============================================================================================
+
+
+@dataclass
+class EnvRollout:
+    """One episode per row, collected by acting in the token MDP (:meth:`EnvSampler.rollout`).
+
+    ``prompts`` (texts), ``prompt_ids`` (token lists, as the env encoded them), ``tokens`` (B, T)
+    (the actions; ``pad_id`` after a row's episode ended), ``mask`` (B, T) 1 on the actions taken
+    (EOS included), ``logprobs`` (B, T) of the actions under the distribution sampled from,
+    ``texts`` (the env's decoded completions), ``ended`` (B,) bool: the episode terminated with EOS
+    (not truncated). From the env's ``step``: ``rewards`` (B, T), the per-step rewards
+    ``r_t = env_kl_coef * log pi_ref(a_t|s_t)`` plus ``RM(x, y)`` on the last step; ``ref_logprobs``
+    (B, T) ``log pi_ref(a_t|s_t)`` (``info["ref_logprob"]``; 0 where the env ran no reference);
+    ``scores`` (B,) ``RM(x, y)`` (``info["rm_score"]``); ``gold`` (B,) float64 (NaN without a gold
+    scorer); ``env_kl_coef``, the env's beta.
+    """
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    texts: list[str]
+    ended: torch.Tensor
+    rewards: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor
+    gold: np.ndarray
+    env_kl_coef: float
+
+    def kl_rewards(self, logp: torch.Tensor, beta: float) -> torch.Tensor:
+        """The per-token RLHF reward (B, T) of an agent whose KL coefficient is ``beta``: the env's
+        reward plus the agent's own ``-beta * log pi(a_t|s_t)`` (``logp``, (B, T)), the env's
+        ``log pi_ref`` term re-weighted from the env's beta to ``beta`` (zero when they agree)::
+
+            r_t = r_t^env + (beta - beta_env) log pi_ref(a_t|s_t) - beta log pi(a_t|s_t)
+                = beta (log pi_ref(a_t|s_t) - log pi(a_t|s_t))        (+ RM(x, y) at the last token)
+
+        Summed over ``t`` it is the episode's KL-regularised return ``RM - beta log(pi(y|x) / pi_ref(y|x))``.
+        """
+        return (self.rewards + (beta - self.env_kl_coef) * self.ref_logprobs - beta * logp) * self.mask
+
+    def mean_gold(self) -> float | None:
+        """Mean gold score of the completions (reported, never trained on); None without a gold scorer."""
+        return None if np.isnan(self.gold).all() else float(self.gold.mean())
+
+
+class EnvSampler:
+    """How an agent collects experience: by acting in the token MDP, one episode per row.
+
+    ``EnvSampler(env, kl_coef=beta, split="train", device=policy.device)`` makes, for each batch
+    size it is asked for, a :class:`~rlhfgym.envs.vector_env.TokenMDPVectorEnv` over ``env``'s
+    world: the same task, tokenizer, reward model and settings, with ``num_envs`` = the batch,
+    ``autoreset_mode="Disabled"`` (a row that ended stays idle), the agent's ``kl_coef`` (so the
+    env's per-step reward is the agent's, and ``kl_coef=0`` runs no reference), the agent's
+    ``split``, on the policy's ``device`` (with a copy of the reference there if it lives elsewhere);
+    ``compute_ref=True`` reports ``log pi_ref`` even when ``kl_coef`` is 0.
+    :meth:`rollout` resets it with the batch's prompts and steps it with the policy's sampled tokens
+    until every row has ended; rewards, ``log pi_ref``, RM scores, gold and texts all come from the
+    env's ``step``. The tokens are those :meth:`CausalLMPolicy.sample` draws for the same prompts and
+    torch seed (one :class:`~rlhfgym.envs.lm.TokenSampler`), so the env adds no randomness.
+    """
+
+    def __init__(self, env, *, kl_coef: float, split: str = "train", device: str | torch.device = "cpu",
+                 compute_ref: bool | None = None):
+        from rlhfgym.envs.config import EnvConfig
+
+        self.core = getattr(env, "unwrapped", env)
+        config = getattr(self.core, "config", None)
+        if not isinstance(config, EnvConfig):
+            raise AgentError(f"the agents act through rlhf-gym's token MDP; {env!r} has no EnvConfig. Pass an env made "
+                             "with gym.make('RLHF-Summarize-v0') (or gym.make_vec).")
+        self.config = dataclasses_replace(config, kl_coef=float(kl_coef), split=split, device=str(device), seed=None,
+                                          compute_ref=compute_ref, autoreset_mode="Disabled")
+        self.kl_coef = float(kl_coef)
+        self._envs: dict[int, Any] = {}
+
+    def vector_env(self, num_envs: int):
+        """The vector env of ``num_envs`` rows (made once per size, then reused)."""
+        if num_envs not in self._envs:
+            from rlhfgym.envs.vector_env import TokenMDPVectorEnv
+
+            core, device = self.core, torch.device(self.config.device)
+            reference = core.reference_model
+            if next(reference.parameters()).device != device:
+                import copy
+
+                reference = copy.deepcopy(reference).to(device).eval().requires_grad_(False)
+            self._envs[num_envs] = TokenMDPVectorEnv(core.task, core.tokenizer, reference, core.reward_model,
+                                                     dataclasses_replace(self.config, num_envs=num_envs))
+        return self._envs[num_envs]
+
+    @torch.no_grad()
+    def rollout(self, policy, prompt_index, *, temperature: float = 1.0, mixture=None) -> EnvRollout:
+        """One episode for each prompt index of the split: ``policy`` (a :class:`CausalLMPolicy`; its
+        model samples in eval mode, then gets its mode back) acts, the env pays. ``mixture``: as in
+        :meth:`CausalLMPolicy.sample` (Nash-MD's opponent)."""
+        from rlhfgym.envs.lm import TokenSampler
+
+        idx = np.asarray(prompt_index, dtype=np.int64).reshape(-1)
+        envs = self.vector_env(len(idx))
+        b, t_max, device = len(idx), envs.max_new_tokens, envs.device
+        obs, _ = envs.reset(options={"prompt_index": idx})
+        ids, att = obs["input_ids"], obs["attention_mask"]
+        prompt_ids = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids.cpu(), att.cpu())]
+        model = policy.model
+        was_training = model.training
+        model.eval()
+        sampler = TokenSampler(model, ids, attention_mask=att, max_new_tokens=t_max, window=ids.shape[1],
+                               vocab_size=len(policy.tokenizer), temperature=temperature, mixture=mixture)
+        pad = torch.full((b,), policy.pad_id, dtype=torch.long, device=device)
+        tokens = torch.full((b, t_max), policy.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros(b, t_max, device=device)
+        mask = torch.zeros(b, t_max, dtype=torch.long, device=device)
+        rewards = torch.zeros(b, t_max, device=device)
+        ref_logps = torch.zeros(b, t_max, device=device)
+        scores = torch.zeros(b, device=device)
+        gold = np.full(b, np.nan)
+        texts: list[str] = [""] * b
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        ended = torch.zeros(b, dtype=torch.bool, device=device)
+        for t in range(t_max):
+            tok, tok_logp = sampler.draw()
+            tok = torch.where(done, pad, tok)  # rows that ended are idle in the env; record padding
+            _, reward, terminated, truncated, info = envs.step(tok)
+            tokens[:, t], mask[:, t] = tok, (~done).long()
+            logps[:, t] = torch.where(done, 0.0, tok_logp)
+            rewards[:, t], ref_logps[:, t] = reward, info["ref_logprob"]
+            if "rm_score" in info:  # episodes that ended in this step
+                rows = np.flatnonzero(info["_rm_score"].cpu().numpy())
+                scores = torch.where(info["_rm_score"], info["rm_score"], scores)
+                gold[rows] = info["gold"].cpu().numpy()[rows]
+                for r in rows:
+                    texts[r] = info["completion"][r]
+            active = ~done
+            done = done | terminated | truncated
+            ended = ended | terminated
+            if bool(done.all()):
+                break
+            sampler.advance(tok, active)
+        model.train(was_training)
+        prompts = [self.core.task.prompt(self.config.split, int(i)) for i in idx]
+        return EnvRollout(prompts, prompt_ids, tokens, mask, logps, texts, ended, rewards, ref_logps, scores, gold,
+                          self.kl_coef)
 
 
 # ============================================================================================

@@ -74,14 +74,14 @@ from rlhfgym.envs.lm import IncrementalLM
 from .base import AgentError
 from .common import (
     AgentConfig,
+    EnvSampler,
     TrainingAgent,
     TrainingRun,
     as_preference_fn,
-    draw_prompts,
+    draw_prompt_indices,
     env_core,
     env_prefer,
     labeler_population,
-    mean_gold,
     param,
     preference_probs,
     reference_for,
@@ -300,27 +300,31 @@ class NashMD(TrainingAgent):
             self._opp = None
             self.make_optimizer("adamw", cfg["learning_rate"], weight_decay=0.0)
             mixture = self._mixture(ref)
+            # both players act in the token MDP; the player's episodes also report log pi_ref (at
+            # temperature 1, the KL the objective charges), the opponent's need none
+            players = EnvSampler(env, kl_coef=cfg["kl_coef"], compute_ref=True, device=self.policy.device)
+            opponents = EnvSampler(env, kl_coef=0.0, device=self.policy.device)
             while run.remaining >= 2 and not run.stopped:
                 n = min(cfg["batch_size"], run.remaining // 2)
-                prompts = draw_prompts(core, n, sub_seed(self.seed, 22, st["step"]))
+                idx = draw_prompt_indices(core, n, sub_seed(self.seed, 22, st["step"]))
                 torch.manual_seed(sub_seed(self.seed, 23, st["step"]))
                 # y ~ pi,  y' ~ pi^mu  (the opponent mixed per token with pi_ref)
-                y = self.policy.sample(prompts, temperature=cfg["temperature"])
-                y_opp = self._opponent_policy(st).sample(prompts, temperature=cfg["temperature"], mixture=mixture)
+                y = players.rollout(self.policy, idx, temperature=cfg["temperature"])
+                y_opp = opponents.rollout(self._opponent_policy(st), idx, temperature=cfg["temperature"], mixture=mixture)
                 # p = P(y > y' | x)
-                p = preference_probs(prefer, prompts, y.texts, y_opp.texts, self.name).to(self.policy.device)
+                p = preference_probs(prefer, y.prompts, y.texts, y_opp.texts, self.name).to(self.policy.device)
                 # loss = beta_kl KL(pi || pi_ref) - (p - 1/2) sum_t log pi(y_t)
                 self.policy.train()
                 tokens, mask = trim(y.tokens, y.mask)
                 # log pi of the policy that sampled y: at the sampling temperature (pi_ref at 1, as in PPO)
                 logp = self.policy.forward_logprobs(y.prompt_ids, tokens, mask, temperature=cfg["temperature"])
-                with torch.no_grad():
-                    ref_logp = self.policy.forward_logprobs(y.prompt_ids, tokens, mask, model=ref)
-                    log_ratio = logp.detach() - ref_logp
+                ref_logp = y.ref_logprobs[:, : tokens.shape[1]]
+                log_ratio = logp.detach() - ref_logp
                 # kl term: per-token surrogate, gradient = grad sum_t KL(pi(.|s_t) || pi_ref(.|s_t)), states s_t fixed
                 loss = nash_md_loss(logp, ref_logp, p, cfg["kl_coef"])
                 metrics = {"loss": loss.item(), "win_rate": float(p.mean()), "kl": float(log_ratio.sum(-1).mean()),
-                           "length": float(mask.sum(-1).float().mean()), "gold": mean_gold(core, prompts, y.texts)}
+                           "length": float(mask.sum(-1).float().mean()), "score": float(y.scores.mean()),
+                           "gold": y.mean_gold()}
                 metrics["grad_norm"] = self.step(loss)
                 st["step"] += 1
                 self._after_update(st)

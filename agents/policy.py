@@ -16,9 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhfgym.envs.hf import position_ids, quiet_transformers
+from transformers import DynamicCache
+
+from rlhfgym.envs.hf import cached_forward, position_ids, quiet_transformers
 from rlhfgym.envs.evaluation import Samples
-from rlhfgym.envs.lm import decode_completions, encode_completions, encode_prompts, model_vocab_size, sample_tokens
+from rlhfgym.envs.lm import (
+    decode_completions,
+    distinct_rows,
+    encode_completions,
+    encode_prompts,
+    model_vocab_size,
+    sample_tokens,
+)
 
 
 @dataclass
@@ -195,21 +204,45 @@ class CausalLMPolicy(nn.Module):
         """Per-token log-probs (B, T) of ``tokens`` (and values (B, T) of the states before them).
 
         ``model`` overrides the network (e.g. the frozen reference) while keeping this policy's batching.
+        A prompt shared by several rows (RLOO's k samples of a prompt) runs through the network once:
+        its keys and values are computed for one row and reused by the others (gradients flow to all
+        of them), which gives the same numbers as the full pass for a fraction of the compute.
         """
         ids, att, p = self.batch(prompt_ids, tokens, mask)
         net = model if model is not None else self.model
-        out = net(input_ids=ids, attention_mask=att, position_ids=position_ids(att),
-                  output_hidden_states=with_values)
-        logits = out.logits[:, p - 1:-1].float()[..., : len(self.tokenizer)] / max(temperature, 1e-6)
+        first, copies = distinct_rows(ids[:, :p], att[:, :p])
+        if len(first) < len(prompt_ids):
+            logits, hidden = self._shared_prompt_forward(net, ids, att, p, first, copies, with_values)
+        else:
+            out = net(input_ids=ids, attention_mask=att, position_ids=position_ids(att), output_hidden_states=with_values)
+            logits = out.logits[:, p - 1:-1]
+            hidden = out.hidden_states[-1][:, p - 1:-1] if with_values else None
+        logits = logits.float()[..., : len(self.tokenizer)] / max(temperature, 1e-6)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.to(self.device)[..., None]).squeeze(-1)
         logp = logp * mask.to(self.device)
         if not with_values:
             return logp
         if self.value_head is None:
             raise ValueError("this policy has no value head; build it with value_head=True.")
-        hidden = out.hidden_states[-1][:, p - 1:-1].float()
-        values = self.value_head(hidden).squeeze(-1) * mask.to(self.device)
+        values = self.value_head(hidden.float()).squeeze(-1) * mask.to(self.device)
         return logp, values
+
+    @staticmethod
+    def _shared_prompt_forward(net, ids, att, p: int, first, copies, with_values: bool):
+        """The logits (B, T, V) (and last hidden states) that predict the completion tokens, in two
+        passes: the distinct prompts (``ids[first, :p]``) with a KV cache, then every row's completion
+        on its prompt's cached keys and values."""
+        prompt_att = att[first, :p]
+        out, cache = cached_forward(net, DynamicCache(), input_ids=ids[first, :p], attention_mask=prompt_att,
+                                    position_ids=position_ids(prompt_att), output_hidden_states=with_values)
+        for layer in cache.layers:  # each row continues its prompt's keys and values (a gather: gradients add up)
+            layer.keys, layer.values = layer.keys[copies], layer.values[copies]
+        rest, _ = cached_forward(net, cache, input_ids=ids[:, p:], attention_mask=att, position_ids=position_ids(att)[:, p:],
+                                 output_hidden_states=with_values)
+        logits = torch.cat([out.logits[:, -1:][copies], rest.logits[:, :-1]], 1)
+        if not with_values:
+            return logits, None
+        return logits, torch.cat([out.hidden_states[-1][:, -1:][copies], rest.hidden_states[-1][:, :-1]], 1)
 
     # ------------------------------------------------------------------ token-env acting
     @torch.no_grad()

@@ -8,18 +8,19 @@ with PPO") where the papers say nothing.
 
 **One iteration** (``batch_size`` completions, the budget's unit):
 
-1. *Rollout*: sample one completion per training prompt from ``pi_theta`` with a KV cache
-   (:meth:`CausalLMPolicy.sample`), score it with the env's reward model ``RM(x, y)``.
-2. *Rewards* per token (KL shaping, Ziegler et al. 2019)::
+1. *Rollout*: one episode per training prompt in the token MDP (a vector view of the env with one
+   row per completion, :class:`~.common.EnvSampler`): ``pi_theta`` picks each token (with a KV
+   cache), the env's ``step`` pays ``beta * log pi_ref(a_t|s_t)`` per token and the reward model's
+   ``RM(x, y)`` on the last one.
+2. *Rewards* per token (KL shaping, Ziegler et al. 2019): the env's reward plus the agent's own
+   ``-beta * log pi_theta(a_t|s_t)`` (docs/DESIGN.md, "The token MDP"; :meth:`~.common.EnvRollout.kl_rewards`)::
 
        r_t = -beta * (log pi_theta(a_t|s_t) - log pi_ref(a_t|s_t))      + RM(x, y) at the last token
 
-   This is exactly the token MDP's reward ``beta * log pi_ref(a_t|s_t)`` (+ RM on the last step)
-   plus the agent's own ``-beta * log pi_theta(a_t|s_t)`` (docs/DESIGN.md, "The token MDP"), computed
-   for the whole batch at once: the env's ``reference_model`` gives ``log pi_ref`` by one teacher-forced
-   pass and ``env.unwrapped.score`` gives the final reward. So ``sum_t r_t`` is the episode return
-   ``RM - beta * log(pi_theta(y|x) / pi_ref(y|x))`` the env + agent would produce step by step, and its
-   expectation is the seeds' RLHF objective ``E[RM] - beta * KL(pi_theta || pi_ref)``.
+   So ``sum_t r_t`` is the episode return ``RM - beta * log(pi_theta(y|x) / pi_ref(y|x))``, and its
+   expectation is the seeds' RLHF objective ``E[RM] - beta * KL(pi_theta || pi_ref)``. (When the
+   adaptive controller has moved ``beta`` away from the env's, the env's ``log pi_ref`` term is
+   re-weighted to the current ``beta``.)
 3. *Advantages* by GAE (Schulman et al. 2016), ``gamma = 1``, ``lambda = 0.95``::
 
        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)          (V = 0 after the last token)
@@ -77,7 +78,7 @@ from torch import nn
 from rlhfgym.envs.hf import position_ids
 
 from .base import Agent, AgentError
-from .common import SPLITS, AgentConfig, TrainingAgent, TrainingRun, mean_gold, param, stream_prompts
+from .common import SPLITS, AgentConfig, EnvSampler, TrainingAgent, TrainingRun, param, stream_prompt_indices
 from .policy import CausalLMPolicy
 
 KL_MODES = ("fixed", "adaptive")
@@ -328,7 +329,7 @@ class PPO(TrainingAgent):
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
             # resume, the policy with a value head V(s) (added to a given policy without one), seeding
-            core, ref, _ = self.start(run, env, value_head=True)
+            core, _, _ = self.start(run, env, value_head=True)
             policy = self.policy
             self.make_optimizer("adam", c["learning_rate"], eps=1e-5)
             restored, self._restored = self._restored, False
@@ -337,29 +338,30 @@ class PPO(TrainingAgent):
             if not (restored and self.penalty_beta is not None):
                 self.penalty_beta = c["kl_penalty_beta"]
             self.beta, self.penalty_beta = float(self.beta), float(self.penalty_beta)
+            # the env's beta: this run's first; the adaptive controller may move self.beta away from it
+            sampler = EnvSampler(env, kl_coef=self.beta, split=c["split"], device=policy.device)
 
             while not run.done:
                 n = min(c["batch_size"], run.remaining)
-                prompts = stream_prompts(core, n, seed=self.seed, position=self.spent, split=c["split"])
+                prompts = stream_prompt_indices(core, n, seed=self.seed, position=self.spent, split=c["split"])
 
-                # ---- 1. rollout: y ~ pi_theta(.|x) with a KV cache, scored by the env's reward model
-                roll = policy.sample(prompts, temperature=c["temperature"])
+                # ---- 1. rollout: one episode per prompt in the token MDP, pi_theta acting (KV cache)
+                roll = sampler.rollout(policy, prompts, temperature=c["temperature"])
                 mask = roll.mask.float()
-                scores = core.score(prompts, roll.texts).to(policy.device).float()
-                raw_scores = scores.clone()
-                if c["missing_eos_penalty"] is not None:  # TRL: truncated completions lose a fixed amount
-                    scores = scores - c["missing_eos_penalty"] * (~roll.ended).float()
                 policy.eval()  # and it stays so: dropout would make pi_theta_old != pi_theta at step 0
                 with torch.no_grad():
                     old_logp, old_values = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask,
                                                                    temperature=c["temperature"], with_values=True)
-                    ref_logp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
 
                     # ---- 2. per-token rewards r_t = -beta (log pi - log pi_ref), RM(x, y) added at the last token
-                    kl_t = (old_logp - ref_logp) * mask
-                    rewards = -self.beta * kl_t
+                    kl_t = (old_logp - roll.ref_logprobs) * mask
+                    rewards = roll.kl_rewards(old_logp, self.beta)
                     last = mask.sum(1).long().clamp(min=1) - 1
-                    rewards[torch.arange(n, device=policy.device), last] += scores
+                    scores = roll.scores.float()
+                    if c["missing_eos_penalty"] is not None:  # TRL: truncated completions lose a fixed amount
+                        penalty = c["missing_eos_penalty"] * (~roll.ended).float()
+                        rewards[torch.arange(n, device=policy.device), last] -= penalty
+                        scores = scores - penalty
 
                     # ---- optional value warm-up: fit V alone to the Monte-Carlo returns G_t = sum_{t'>=t} r_t'
                     if c["value_warmup_steps"] and self.spent == 0:
@@ -426,10 +428,10 @@ class PPO(TrainingAgent):
                     self.penalty_beta = kl_penalty_beta_update(self.penalty_beta, policy_kl, c["kl_penalty_target"])
 
                 metrics = {
-                    "score": raw_scores.mean().item(),
+                    "score": roll.scores.mean().item(),
                     "reward": scores.mean().item(),
                     "kl": kl,
-                    "objective": (raw_scores - beta_used * kl_t.sum(1)).mean().item(),
+                    "objective": (roll.scores - beta_used * kl_t.sum(1)).mean().item(),
                     "beta": beta_used,
                     "length": mask.sum(1).mean().item(),
                     "eos_rate": roll.ended.float().mean().item(),
@@ -438,7 +440,7 @@ class PPO(TrainingAgent):
                 }
                 if policy_kl is not None:
                     metrics.update(kl_penalty_beta=penalty_beta_used, policy_kl=policy_kl)
-                metrics["gold"] = mean_gold(core, prompts, roll.texts)  # None (not logged) without a gold scorer
+                metrics["gold"] = roll.mean_gold()  # reported, never trained on; None without a gold scorer
                 run.update(n, metrics)
         return self
 

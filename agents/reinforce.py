@@ -6,10 +6,11 @@ objective with the sequence-level KL-regularised reward::
 
     R(x, y) = RM(x, y) - beta * sum_t log( pi_theta(y_t | x, y_<t) / pi_ref(y_t | x, y_<t) )
 
-This is exactly the return of one episode of the token MDP (docs/DESIGN.md): the env pays
-``beta * log pi_ref(a_t|s_t)`` per token plus ``RM`` on the last one, the agent adds its own
-``-beta * log pi_theta(a_t|s_t)``; here the whole batch is computed at once (``pi_ref`` by one
-teacher-forced pass of ``env.unwrapped.reference_model``, ``RM`` by ``env.unwrapped.score``).
+This is the return of one episode of the token MDP (docs/DESIGN.md), and the agent collects it
+by acting in the MDP: a batch of completions is one batch of episodes of a vector view of the env
+(:class:`~.common.EnvSampler`, one row per completion), whose ``step`` pays
+``beta * log pi_ref(a_t|s_t)`` per token plus ``RM`` on the last one; the agent adds its own
+``-beta * log pi_theta(a_t|s_t)`` (:meth:`~.common.EnvRollout.kl_rewards`).
 
 Policy gradient with a baseline (Williams 1992; the seeds' "REINFORCE with a baseline")::
 
@@ -35,20 +36,12 @@ from pathlib import Path
 import torch
 
 from .base import Agent, AgentError
-from .common import SPLITS, AgentConfig, TrainingAgent, TrainingRun, mean_gold, param, stream_prompts
+from .common import SPLITS, AgentConfig, EnvSampler, TrainingAgent, TrainingRun, param, stream_prompt_indices
 from .policy import CausalLMPolicy
 
 
 # ---------------------------------------------------------------------------------------------- the math
 # Pure functions of tensors: the agents call them, tests/test_agent_math.py checks them by hand.
-
-
-def kl_regularised_reward(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """The sequence reward (B,) from per-token log-probs (B, T) (0 on padding)::
-
-        R(x, y) = RM(x, y) - beta * sum_t (log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t))
-    """
-    return scores - beta * (logp - ref_logp).sum(1)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,33 +133,30 @@ class Reinforce(TrainingAgent):
             raise AgentError(f"{self.name}: budget={budget} is less than rloo_k={k} samples of one prompt; raise the budget.")
         with TrainingRun(self, budget, callback=callback, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                          log_dir=log_dir, progress_bar=progress_bar) as run:
-            core, ref, _ = self.start(run, env)  # resume, policy, seeding
+            core, _, _ = self.start(run, env)  # resume, policy, seeding
             policy = self.policy
             beta = core.kl_coef if c["kl_coef"] is None else c["kl_coef"]
             self.make_optimizer("adam", c["learning_rate"], eps=1e-5)
+            sampler = EnvSampler(env, kl_coef=beta, split=c["split"], device=policy.device)
 
             while not run.stopped and run.remaining >= k:
                 n_prompts = min(c["batch_size"] // k, run.remaining // k)
-                prompts = stream_prompts(core, n_prompts, seed=self.seed, position=self.spent, split=c["split"])
-                prompts = [p for p in prompts for _ in range(k)]  # k samples of each prompt, side by side
+                prompts = stream_prompt_indices(core, n_prompts, seed=self.seed, position=self.spent, split=c["split"])
+                prompts = prompts.repeat(k)  # k samples of each prompt, side by side
                 n = len(prompts)
 
-                # ---- rollout y ~ pi_theta(.|x) (KV cache), scored by the env's reward model
-                roll = policy.sample(prompts, temperature=c["temperature"])
-                scores = core.score(prompts, roll.texts).to(policy.device).float()
-                raw_scores = scores.clone()
-                if c["missing_eos_penalty"] is not None:
-                    scores = scores - c["missing_eos_penalty"] * (~roll.ended).float()
+                # ---- rollout: one episode per completion y ~ pi_theta(.|x) in the token MDP, which pays
+                # beta * log pi_ref(a_t|s_t) per token and RM(x, y) at the end
+                roll = sampler.rollout(policy, prompts, temperature=c["temperature"])
+                penalty = 0.0 if c["missing_eos_penalty"] is None else c["missing_eos_penalty"] * (~roll.ended).float()
 
-                # ---- log pi_theta(y|x) with gradients (eval mode: the log-probs of the policy that sampled y,
-                # no dropout); log pi_ref(y|x) without
+                # ---- log pi_theta(y|x) with gradients (eval mode: the log-probs of the policy that sampled y, no dropout)
                 policy.eval()
                 logp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, temperature=c["temperature"])
                 with torch.no_grad():
-                    ref_logp = policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, model=ref)
-                    # R(x, y) = RM(x, y) - beta * sum_t log(pi_theta / pi_ref)   (the token MDP's return)
-                    kl = (logp.detach() - ref_logp).sum(1)
-                    rewards = kl_regularised_reward(scores, logp.detach(), ref_logp, beta)
+                    # R(x, y) = sum_t [r_t - beta log pi_theta(a_t|s_t)] = RM(x, y) - beta sum_t log(pi_theta / pi_ref)
+                    rewards = roll.kl_rewards(logp.detach(), beta).sum(1) - penalty
+                    kl = (logp.detach() - roll.ref_logprobs).sum(1)
                     adv = self.advantages(rewards)  # R - b (moving average, or leave-one-out for RLOO)
                     if c["normalize_advantages"]:
                         adv = adv / (adv.std() + 1e-8)
@@ -177,10 +167,10 @@ class Reinforce(TrainingAgent):
                 grad_norm = self.step(loss)  # zero_grad, backward, clip at max_grad_norm, Adam step
 
                 metrics = {
-                    "score": raw_scores.mean().item(),
-                    "reward": scores.mean().item(),
+                    "score": roll.scores.mean().item(),
+                    "reward": (roll.scores - penalty).mean().item(),
                     "kl": kl.mean().item(),
-                    "objective": (raw_scores - beta * kl).mean().item(),
+                    "objective": (roll.scores - beta * kl).mean().item(),
                     "loss": loss.item(),
                     "grad_norm": grad_norm,
                     "length": roll.mask.float().sum(1).mean().item(),
@@ -188,7 +178,7 @@ class Reinforce(TrainingAgent):
                 }
                 if self.baseline is not None:
                     metrics["baseline"] = self.baseline
-                metrics["gold"] = mean_gold(core, prompts, roll.texts)  # None (not logged) without a gold scorer
+                metrics["gold"] = roll.mean_gold()  # reported, never trained on; None without a gold scorer
                 run.update(n, metrics)
         return self
 

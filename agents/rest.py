@@ -3,9 +3,9 @@
 ReST alternates two loops over a fixed set of prompts D_x (with their original supervised
 completions D, when the task has them)::
 
-    for g in 1..G:                                           # Grow
+    for g in 1..G:                                           # Grow (episodes of the token MDP)
         D_g = D  ∪  { (x, y) : x in D_x, y ~ pi_theta(.|x) at temperature 0.8, N per prompt }
-        R(x, y) = RM(x, y) once per sample, normalised to [0, 1]
+        R(x, y) = RM(x, y) once per sample (the env's reward at the episode's end), normalised to [0, 1]
         for i, tau_i in enumerate(thresholds):               # Improve, tau_0 < tau_1 < ...
             D_g^i = { (x, y) in D_g : R(x, y) >= tau_i }
             theta <- argmin  -1/|D_g^i| sum log pi_theta(y|x)     (BC / NLL, from the previous theta,
@@ -39,6 +39,7 @@ import torch
 from .base import AgentError
 from .common import (
     AgentConfig,
+    EnvSampler,
     TrainingAgent,
     TrainingRun,
     draw_prompt_indices,
@@ -50,6 +51,7 @@ from .common import (
 __all__ = ["ReST", "DEFAULT_THRESHOLDS", "normalise_rewards", "rest_filter", "bc_loss"]
 
 DEFAULT_THRESHOLDS = (0.0, 0.7, 0.8, 0.9, 0.95, 0.99)
+GROW_BATCH = 256  # episodes collected at once in a Grow step (rows of the vector env)
 
 
 # ---------------------------------------------------------------------------------------------- the math
@@ -205,6 +207,7 @@ class ReST(TrainingAgent):
             self.make_optimizer("adamw", cfg["learning_rate"], weight_decay=0.0)
             idx = draw_prompt_indices(core, n_prompts, sub_seed(self.seed, 11))
             prompts = [core.task.prompt("train", int(i)) for i in idx]
+            sampler = EnvSampler(env, kl_coef=0.0, device=self.policy.device)  # ReST's reward is RM alone
             if st["best_score"] is None and cfg["eval_prompts"] > 0:  # the starting policy is a candidate too
                 st["best_score"], st["best_state"] = self.validation_reward(core), self._state_copy()
                 run.update(0, {"validation_reward": st["best_score"]})
@@ -212,16 +215,20 @@ class ReST(TrainingAgent):
                 # ---------------- Grow: D_g = D ∪ samples of the current policy, each scored once
                 if st["data"] is None:
                     torch.manual_seed(sub_seed(self.seed, 12, st["grow"]))
-                    x, y, cost = [], [], 0
-                    if original:
+                    x, y, rewards, cost = [], [], [], 0
+                    if original:  # the task's own completions are not episodes: the reward model scores them
                         x += prompts
                         y += [core.task.reference("train", int(i)) for i in idx]
+                        rewards.append(core.score(x, y).float().cpu())
                         cost += len(prompts) if st["grow"] == 0 else 0  # the original data is paid for once
-                    for _ in range(cfg["samples_per_prompt"]):
-                        x += prompts
-                        y += self.policy.generate_text(prompts, temperature=cfg["temperature"])
+                    for _ in range(cfg["samples_per_prompt"]):  # one episode of the token MDP per sample
+                        for s in range(0, len(idx), GROW_BATCH):
+                            roll = sampler.rollout(self.policy, idx[s:s + GROW_BATCH], temperature=cfg["temperature"])
+                            x += roll.prompts
+                            y += roll.texts
+                            rewards.append(roll.scores.float().cpu())
                         cost += len(prompts)
-                    rewards = core.score(x, y).float().cpu().numpy()
+                    rewards = torch.cat(rewards).numpy()
                     st["data"] = {"prompts": x, "completions": y, "rewards": rewards.tolist()}
                     if not run.update(cost, {"grow_reward": float(rewards.mean()), "grow_size": len(y)}):
                         break

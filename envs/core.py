@@ -48,7 +48,7 @@ from .tasks.base import Task, check_text_pairs
 
 __all__ = ["TokenMDPCore", "StepResult", "SequenceAccess", "resolve_device", "resolve_autoreset_mode"]
 
-RESET_OPTIONS = ("prompt_index", "split")
+RESET_OPTIONS = ("prompt_index", "split", "reset_mask")
 
 
 @dataclass
@@ -105,7 +105,12 @@ class TokenMDPCore:
     Autoreset modes: NEXT_STEP (gymnasium's default: the step after an episode ended resets that
     row, ignores its action and returns reward 0), SAME_STEP (the step that ends an episode already
     returns the next episode's first observation; the last one is in ``final_input_ids``), or
-    DISABLED (stepping a finished row raises ``ResetNeeded``; call ``reset``).
+    DISABLED (a row whose episode ended stays idle until ``reset``: later steps ignore its action and
+    return reward 0 and ``terminated = truncated = False`` for it, and its reference model is not
+    run; stepping when *every* row has ended raises ``ResetNeeded``). DISABLED is how an agent
+    collects one episode per row, a batch at a time (``reset(options={"prompt_index": ...})``, step
+    until every row ended); ``reset(options={"reset_mask": mask})`` restarts only some rows, as in
+    gymnasium.
 
     Observations are right-aligned ``(N, W)`` int64 ``input_ids``/``attention_mask`` tensors with
     ``W = max_prompt_tokens + max_new_tokens``; masked columns hold the pad id. The core never
@@ -220,7 +225,10 @@ class TokenMDPCore:
         samples the same prompts as a single env seeded ``seed + i``); a sequence gives one seed per
         row (None keeps that row's generator); None keeps all generators.
         ``options``: ``{"prompt_index": int or one int per row}`` picks the prompts instead of
-        sampling them; ``{"split": name}`` switches the split for this and later episodes.
+        sampling them; ``{"split": name}`` switches the split for this and later episodes;
+        ``{"reset_mask": (N,) bool}`` resets only the rows where it is True (gymnasium's partial
+        reset; seeds and per-row prompt indices apply to those rows; the other rows keep their
+        episodes). The returned observation covers every row.
         """
         if options is not None and not isinstance(options, dict):
             raise ValueError(f"reset options must be a dict such as {{'prompt_index': 0}}, got {type(options).__name__}.")
@@ -237,16 +245,33 @@ class TokenMDPCore:
         indices = options.get("prompt_index")
         if indices is not None:
             indices = self._check_prompt_index(indices, split)
-        for i, s in enumerate(seeds):
-            if s is not None:
-                self.rngs[i] = seeding.np_random(s)[0]
+        rows = np.arange(self.num_envs)
+        if options.get("reset_mask") is not None:
+            rows = self._check_reset_mask(options["reset_mask"])
+        for i in rows:
+            if seeds[i] is not None:
+                self.rngs[i] = seeding.np_random(seeds[i])[0]
         self.split = split
-        if self.ref_lm is not None:
+        if self.ref_lm is not None and len(rows) == self.num_envs:
             self.ref_lm.clear()
             self.ref_next_logprobs = None
-        self._reset_rows(np.arange(self.num_envs), indices)
+        self._reset_rows(rows, None if indices is None else indices[rows])
         self.started = True
         return self.input_ids, self.attention_mask
+
+    def _check_reset_mask(self, mask) -> np.ndarray:
+        """The rows the ``reset_mask`` option selects (a (N,) bool array or tensor with a True)."""
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if arr.dtype != np.bool_ or arr.shape != (self.num_envs,):
+            raise ValueError(
+                f"reset option reset_mask must be a bool array of shape ({self.num_envs},), one flag per env; "
+                f"got {arr.dtype} of shape {arr.shape}."
+            )
+        if not arr.any():
+            raise ValueError("reset option reset_mask selects no env; set at least one flag, or do not reset.")
+        if not self.started and not arr.all():
+            raise ValueError("reset option reset_mask needs a full reset() first: the other rows have no episode yet.")
+        return np.flatnonzero(arr)
 
     def _check_seeds(self, seed) -> list[int | None]:
         """One seed (or None) per row: ``seed + i`` for an int, the entries of a sequence as given."""
@@ -360,14 +385,19 @@ class TokenMDPCore:
         """Append one token per row; see the module docstring for rewards and :class:`StepResult`."""
         if not self.started:
             raise ResetNeeded("step() called before reset(); call reset() first.")
-        if self.autoreset_mode == AutoresetMode.DISABLED and self.done.any():
+        if self.autoreset_mode == AutoresetMode.DISABLED and self.done.all():
             raise ResetNeeded(
                 "step() called after the episode ended (terminated or truncated); call reset() to start a new one."
+                if self.num_envs == 1 else
+                f"step() called after all {self.num_envs} episodes ended (autoreset_mode=Disabled); call reset() "
+                "(or reset(options={'reset_mask': mask}) for some rows)."
             )
         n, device = self.num_envs, self.device
         a = self._as_actions(actions)
-        resetting = self.done.copy()  # NEXT_STEP: rows that ended last step restart now, ignoring their action
-        stepping = ~resetting
+        # Rows whose episode ended earlier do not act: NEXT_STEP restarts them now (ignoring their
+        # action), DISABLED leaves them idle until reset.
+        idle = self.done.copy()
+        stepping = ~idle
 
         # Single device->host transfer per step: which actions are out of range, which are EOS.
         flags = torch.stack([(a < 0) | (a >= self.vocab_size), a == self.eos_token_id]).cpu().numpy()
@@ -378,7 +408,7 @@ class TokenMDPCore:
                 f"action {int(a[i])} (env {i}) is out of range: actions are token ids in [0, {self.vocab_size - 1}] "
                 f"(Discrete({self.vocab_size}))."
             )
-        if flags[0].any():  # ignored actions of resetting rows must still be valid embedding indices
+        if flags[0].any():  # ignored actions of idle rows must still be valid embedding indices
             a = a.clamp(0, self.vocab_size - 1)
 
         terminated = flags[1] & stepping
@@ -388,7 +418,7 @@ class TokenMDPCore:
 
         if self.ref_next_logprobs is not None:
             ref_lp = self.ref_next_logprobs.gather(1, a.view(n, 1)).view(n)
-            if resetting.any():  # rows that only restart in this step did not act
+            if idle.any():  # idle rows (restarting or finished) did not act
                 ref_lp = torch.where(torch.from_numpy(stepping).to(device), ref_lp, ref_lp.new_zeros(()))
             self.ref_logprob_sum = self.ref_logprob_sum + ref_lp
         else:
@@ -435,8 +465,8 @@ class TokenMDPCore:
             result.final_input_ids, result.final_attention_mask = self.input_ids, self.attention_mask
             self._reset_rows(finished)
             result.reset_rows = finished
-        elif self.autoreset_mode == AutoresetMode.NEXT_STEP and resetting.any():
-            result.reset_rows = np.flatnonzero(resetting)
+        elif self.autoreset_mode == AutoresetMode.NEXT_STEP and idle.any():
+            result.reset_rows = np.flatnonzero(idle)
             self._reset_rows(result.reset_rows)
         result.input_ids, result.attention_mask = self.input_ids, self.attention_mask
         return result

@@ -59,6 +59,8 @@ __all__ = [
     "decode_completions",
     "generate_text",
     "sample_tokens",
+    "TokenSampler",
+    "distinct_rows",
 ]
 
 
@@ -113,6 +115,21 @@ class _RingLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         return self.keys.shape[-2], 0
+
+
+def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, copies)`` for a batch of left-padded prompts ``(k, p)``: ``first`` indexes one row of
+    each distinct prompt (in order of first appearance), ``copies[i]`` the entry of ``first`` that
+    row ``i`` repeats, so ``ids[first][copies]`` equals ``ids`` (masked columns ignored)."""
+    keyed = torch.where(mask.bool(), ids, -1)
+    _, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+    k = ids.shape[0]
+    order = torch.full((int(inverse.max()) + 1,), k, dtype=torch.long, device=ids.device)
+    order = order.scatter_reduce(0, inverse, torch.arange(k, device=ids.device), reduce="amin")  # first row of each
+    rank = torch.empty_like(order)
+    sorted_first, perm = order.sort()
+    rank[perm] = torch.arange(len(order), device=ids.device)  # unique id -> position in appearance order
+    return sorted_first, rank[inverse]
 
 
 class IncrementalLM:
@@ -260,13 +277,22 @@ class IncrementalLM:
         if self.backend == "static" and p > self.window:
             raise ValueError(f"reset_rows: a prompt of {p} tokens does not fit the window of {self.window}; raise window.")
 
+        # A prompt given to several rows (RLOO's k samples of a prompt, best-of-n) is prefilled once
+        # and its keys, values and logits are copied to those rows.
+        first, copies = distinct_rows(ids, mask)
         logits, fresh = self._forward(
             DynamicCache(),
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
+            input_ids=ids[first],
+            attention_mask=mask[first],
+            position_ids=position_ids(mask[first]),
             **({"logits_to_keep": 1} if self._logits_to_keep else {}),
         )
+        if len(first) < len(rows_np):
+            logits = logits[copies]
+            for layer in fresh.layers:
+                layer.keys, layer.values = layer.keys[copies], layer.values[copies]
+            if self.keep_hidden:
+                self.hidden = self.hidden[copies]
         rows_t = torch.as_tensor(rows_np, device=self.device)
         if self.backend == "static":
             self._write_static(rows_t, fresh, mask)
@@ -503,15 +529,60 @@ def generate_text(model, tokenizer, prompts, *, max_new_tokens=32, temperature=1
     return out
 
 
+class TokenSampler:
+    """The one sampling rule of rlhf-gym, one token at a time, for ``B`` prompts on an
+    :class:`IncrementalLM`: :func:`sample_tokens` loops over it on its own, an agent's env rollout
+    (``rlhfgym.agents.common.env_rollout``) loops over it acting through the token MDP's ``step``.
+    Both draw the same tokens from the same logits in the same order, so for the same torch seed
+    they produce the same completions.
+
+    Next-token log-probabilities are ``log_softmax(logits[:, :vocab_size] / temperature)``
+    (``mixture.mix`` applied when given); a token is drawn with ``torch.multinomial`` (the global
+    torch RNG, one draw for every row each step), or by argmax when ``temperature == 0``.
+
+    Args:
+        model: the causal LM that samples (used in its current mode; no gradients are recorded).
+        prompt_ids: one token-id list per row, or a ``(B, T)`` left-padded tensor with
+            ``attention_mask`` (e.g. the token env's observations).
+        window: the longest context a row needs (prompt + generated tokens).
+        mixture: optional hook (see :func:`sample_tokens`); it gets ``prompt_ids`` as lists.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_ids, *, max_new_tokens: int, window: int, vocab_size: int,
+                 temperature: float = 1.0, mixture=None, attention_mask: torch.Tensor | None = None):
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}.")
+        self.temperature, self.vocab_size = float(temperature), int(vocab_size)
+        b = len(prompt_ids)
+        self.lm = IncrementalLM(model, b, window)
+        self.logits = self.lm.reset_rows(range(b), prompt_ids, attention_mask)
+        if mixture is not None and isinstance(prompt_ids, torch.Tensor):
+            mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask
+            prompt_ids = [row[m.bool()].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]
+        self.mixture = mixture.start(prompt_ids, int(max_new_tokens)) if mixture is not None else None
+
+    @torch.no_grad()
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the next token of every row: ``(tokens (B,), their log-probabilities (B,))``."""
+        logp = torch.log_softmax(self.logits.float()[:, : self.vocab_size] / max(self.temperature, 1e-6), dim=-1)
+        if self.mixture is not None:
+            logp = self.mixture.mix(logp)
+        tok = logp.argmax(-1) if self.temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+    def advance(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
+        """Feed the drawn tokens back (rows where ``active`` is False keep their context)."""
+        self.logits = self.lm.step(tokens, active=active)
+        if self.mixture is not None:
+            self.mixture.step(tokens, active)
+
+
 @torch.no_grad()
 def sample_tokens(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, window: int,
                   eos_id: int, pad_id: int, vocab_size: int, temperature: float = 1.0, mixture=None):
-    """Sample one completion per prompt token by token on an :class:`IncrementalLM` (all rows in one
-    batch; greedy when ``temperature == 0``): the one sampling loop of rlhf-gym.
-
-    Next-token log-probabilities are ``log_softmax(logits[:, :vocab_size] / temperature)``; a token
-    is drawn with ``torch.multinomial`` (the global torch RNG). A row stops after its EOS; its later
-    columns hold ``pad_id``. ``mixture`` (optional) changes the distribution sampled from:
+    """Sample one completion per prompt token by token with a :class:`TokenSampler` (all rows in
+    one batch; greedy when ``temperature == 0``). A row stops after its EOS; its later columns hold
+    ``pad_id``. ``mixture`` (optional) changes the distribution sampled from:
     ``mixture.start(prompt_ids, max_new_tokens)`` returns a stepper whose ``mix(logp) -> logp`` maps
     the model's (B, V) log-probs to the sampled ones and whose ``step(tokens, active)`` sees every
     sampled token (Nash-MD's geometric mixture with pi_ref). The model is put in eval mode while
@@ -521,34 +592,26 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *
     included), their log-probabilities under the sampled distribution, and ``(B,)`` whether the row
     ended with EOS.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
     device = next(model.parameters()).device
     b, t_max = len(prompt_ids), int(max_new_tokens)
     was_training = model.training
     model.eval()
-    lm = IncrementalLM(model, b, window)
-    logits = lm.reset_rows(range(b), prompt_ids)
-    extra = mixture.start(prompt_ids, t_max) if mixture is not None else None
+    sampler = TokenSampler(model, prompt_ids, max_new_tokens=t_max, window=window, vocab_size=vocab_size,
+                           temperature=temperature, mixture=mixture)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(b, t_max, device=device)
     mask = torch.zeros(b, t_max, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for t in range(t_max):
-        logp = torch.log_softmax(logits.float()[:, :vocab_size] / max(temperature, 1e-6), dim=-1)
-        if extra is not None:
-            logp = extra.mix(logp)
-        tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
+        tok, tok_logp = sampler.draw()
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens[:, t] = tok
-        logps[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
+        logps[:, t] = torch.where(done, 0.0, tok_logp)
         mask[:, t] = (~done).long()
         active = ~done
         done = done | (tok == eos_id)
         if bool(done.all()):
             break
-        logits = lm.step(tok, active=active)
-        if extra is not None:
-            extra.step(tok, active)
+        sampler.advance(tok, active)
     model.train(was_training)
     return tokens, mask, logps, done

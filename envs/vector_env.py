@@ -38,6 +38,12 @@ class TokenMDPVectorEnv(SequenceAccess, VectorEnv):
     * ``SAME_STEP``: the step that ends an episode already returns the next episode's first
       observation; ``info["final_obs"]`` holds the batched last observations (``(N, W)`` tensors,
       valid where ``info["_final_obs"]``) and ``info["final_info"]`` the episode-end infos.
+    * ``DISABLED``: no autoreset. A row whose episode ended stays idle (its actions are ignored, its
+      reward is 0 and terminated/truncated are False) until ``reset()``, or
+      ``reset(options={"reset_mask": mask})`` for some rows; stepping once every row has ended
+      raises ``ResetNeeded``. This is the mode for collecting one episode per row, a batch at a
+      time, as the built-in agents do (``rlhfgym.agents.common.env_rollout``):
+      ``reset(options={"prompt_index": idx})``, then step until every row has ended.
 
     infos (gymnasium's dict-of-arrays layout, each key ``k`` with a bool mask ``_k``):
     ``ref_logprob`` (``(N,)`` float32 tensor, every step); when episodes end, ``rm_score``, ``gold``,
@@ -76,8 +82,6 @@ class TokenMDPVectorEnv(SequenceAccess, VectorEnv):
         **settings,
     ):
         config = EnvConfig.merged(config, settings, where="TokenMDPVectorEnv")
-        if config.autoreset_mode == AutoresetMode.DISABLED:
-            raise ValueError("TokenMDPVectorEnv supports autoreset_mode NEXT_STEP or SAME_STEP, not DISABLED.")
         self.core = TokenMDPCore(task, tokenizer, reference, reward_model, config)
         self.num_envs = self.core.num_envs
         self.single_observation_space, self.single_action_space = token_spaces(self.core.vocab_size, self.core.window)
@@ -90,12 +94,17 @@ class TokenMDPVectorEnv(SequenceAccess, VectorEnv):
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
-        """Start a new episode in every row. ``seed=s`` seeds row ``i`` with ``s + i``."""
+        """Start a new episode in every row (``options={"reset_mask": mask}``: in the rows where
+        ``mask`` is True). ``seed=s`` seeds row ``i`` with ``s + i``. Other options:
+        :meth:`TokenMDPCore.reset <rlhfgym.envs.core.TokenMDPCore.reset>`."""
         if isinstance(seed, (int, np.integer)):
             super().reset(seed=int(seed))
         ids, mask = self.core.reset(seed=seed, options=options)
+        started = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
+        if options and options.get("reset_mask") is not None:
+            started = torch.as_tensor(options["reset_mask"], device=self.device)
         idx = torch.as_tensor(self.core.prompt_index, device=self.device)
-        info = {"prompt_index": idx, "_prompt_index": torch.ones(self.num_envs, dtype=torch.bool, device=self.device)}
+        info = {"prompt_index": torch.where(started, idx, 0), "_prompt_index": started}
         return {"input_ids": ids.clone(), "attention_mask": mask.clone()}, info
 
     def step(self, actions):

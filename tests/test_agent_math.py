@@ -24,7 +24,8 @@ from rlhfgym.agents.ppo import (
     kl_penalty_beta_update,
     kl_penalty_loss,
 )
-from rlhfgym.agents.reinforce import kl_regularised_reward, leave_one_out_advantages, policy_gradient_loss
+from rlhfgym.agents.common import EnvRollout
+from rlhfgym.agents.reinforce import leave_one_out_advantages, policy_gradient_loss
 from rlhfgym.agents.rest import bc_loss, normalise_rewards, rest_filter
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
@@ -291,11 +292,26 @@ def test_rloo_leave_one_out_baseline():
     torch.testing.assert_close(leave_one_out_advantages(t([1.0, 2.0, 3.0, 6.0]), 4), t([-8 / 3, -4 / 3, 0.0, 4.0]))
 
 
+def _rollout(rewards, ref_logprobs, mask, env_kl_coef):
+    b = len(rewards)
+    return EnvRollout([""] * b, [[1]] * b, torch.zeros(b, 2, dtype=torch.long), torch.tensor(mask), torch.zeros(b, 2),
+                      [""] * b, torch.ones(b, dtype=torch.bool), torch.tensor(rewards), torch.tensor(ref_logprobs),
+                      torch.zeros(b), np.full(b, np.nan), env_kl_coef)
+
+
 def test_reinforce_reward_and_loss():
-    # R = RM - beta * sum_t (log pi - log pi_ref); beta = 0.1
-    # row 0: log-ratios [0.5, -0.5] -> 0: R = 1.0;  row 1: [1, (pad) 0] -> 1: R = 0.5 - 0.1 = 0.4
-    got = kl_regularised_reward(t(1.0, 0.5), t([-1.0, -2.0], [-1.0, 0.0]), t([-1.5, -1.5], [-2.0, 0.0]), 0.1)
-    torch.testing.assert_close(got, t(1.0, 0.4))
+    # The env pays r_t = beta_env * log pi_ref(a_t|s_t), + RM on the last step; the agent adds -beta log pi.
+    # beta = beta_env = 0.1, log pi_ref: row 0 [-1.5, -1.5], row 1 [-2, (pad) 0]; RM 1.0 and 0.5
+    ref = [[-1.5, -1.5], [-2.0, 0.0]]
+    env_rewards = [[-0.15, -0.15 + 1.0], [-0.2 + 0.5, 0.0]]
+    roll = _rollout(env_rewards, ref, [[1, 1], [1, 0]], 0.1)
+    logp = t([-1.0, -2.0], [-1.0, 0.0])
+    # R = RM - beta * sum_t (log pi - log pi_ref): row 0 log-ratios [0.5, -0.5] -> R = 1.0; row 1 [1] -> 0.5 - 0.1
+    torch.testing.assert_close(roll.kl_rewards(logp, 0.1).sum(1), t(1.0, 0.4))
+    # an agent with its own beta = 0.3 re-weights the env's log pi_ref term: R = RM - 0.3 * sum(log-ratios)
+    torch.testing.assert_close(roll.kl_rewards(logp, 0.3).sum(1), t(1.0, 0.5 - 0.3))
+    # per token, padding is 0
+    torch.testing.assert_close(roll.kl_rewards(logp, 0.1), t([-0.05, 0.05 + 1.0], [-0.1 + 0.5, 0.0]))
     # loss = -mean(A * log pi(y|x)) = -(1 * -2 + 0.5 * -4) / 2 = 2; gradient -A / B = [-0.5, -0.25]
     seq_logp = t(-2.0, -4.0).requires_grad_(True)
     loss = policy_gradient_loss(seq_logp, t(1.0, 0.5))

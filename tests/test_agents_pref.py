@@ -145,22 +145,32 @@ def test_nash_md_win_rate_against_sft_rises_above_half(env):
 # ---------------------------------------------------------------------------------------------- mechanics
 
 
-def test_nash_md_log_probs_use_the_sampling_temperature(env):
+def test_nash_md_log_probs_use_the_sampling_temperature(env, monkeypatch):
     """The policy samples y at ``temperature``; the loss's log pi(y) must be that tempered policy's (as in
-    PPO and REINFORCE), while log pi_ref stays the env's reference at temperature 1."""
+    PPO and REINFORCE), while log pi_ref is the env's (its step reports it) at temperature 1."""
+    import rlhfgym.agents.nash_md as nash_md
+    from rlhfgym.agents.common import EnvSampler
+
     agent = NashMD(batch_size=2, temperature=0.7, preference="reward")
     agent.policy = CausalLMPolicy.from_env(env)
-    calls = []
+    calls, rollouts, loss_refs = [], [], []
     original = agent.policy.forward_logprobs
 
     def spy(*args, **kwargs):
         calls.append((kwargs.get("model") is None, kwargs.get("temperature", 1.0)))
         return original(*args, **kwargs)
 
+    rollout, loss = EnvSampler.rollout, nash_md.nash_md_loss
+    monkeypatch.setattr(EnvSampler, "rollout", lambda self, *a, **k: rollouts.append(rollout(self, *a, **k)) or rollouts[-1])
+    monkeypatch.setattr(nash_md, "nash_md_loss", lambda logp, ref_logp, *a: loss_refs.append(ref_logp) or loss(logp, ref_logp, *a))
     agent.policy.forward_logprobs = spy
     agent.learn(env, 4, progress_bar=False)
-    assert (True, 0.7) in calls and (True, 1.0) not in calls  # the policy's own log-probs: tempered
-    assert (False, 1.0) in calls  # the reference's: untempered
+    assert calls == [(True, 0.7)]  # the policy's own log-probs: tempered; pi_ref's come from the env
+    y = rollouts[0]  # the player's episodes (the opponent's follow)
+    with torch.no_grad():
+        ref = original(y.prompt_ids, y.tokens, y.mask, model=env.unwrapped.reference_model)  # untempered
+    t = loss_refs[0].shape[1]
+    torch.testing.assert_close(loss_refs[0], ref[:, :t], atol=1e-4, rtol=0)
 
 
 def test_geometric_mixture_sampling_matches_teacher_forcing(env):

@@ -366,8 +366,47 @@ def test_core_takes_one_config(toy_task, tiny_tokenizer, tiny_lm):
         TokenMDPEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), config)
     with pytest.raises(ValueError, match="the single env never autoresets"):
         TokenMDPEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), autoreset_mode="NextStep")
-    with pytest.raises(ValueError, match="not DISABLED"):
-        TokenMDPVectorEnv(toy_task, tiny_tokenizer, tiny_lm, GoldReward(toy_task), autoreset_mode="Disabled")
+
+
+def test_vector_env_without_autoreset_keeps_ended_rows_idle(make_env):
+    """autoreset_mode=Disabled: one episode per row; ended rows ignore actions, pay nothing and
+    do not report an end again; stepping after every row ended is refused until reset."""
+    N = 3
+    envs = make_env(vector=True, num_envs=N, kl_coef=0.1, autoreset_mode="Disabled")
+    obs, info = envs.reset(options={"prompt_index": [0, 1, 2]})
+    assert info["prompt_index"].tolist() == [0, 1, 2]
+    eos = eos_id(envs)
+    ends = np.zeros(N, dtype=int)
+    # row 0 ends at once (EOS), the others run to truncation
+    actions = torch.tensor([eos, 5, 5])
+    for t in range(MAX_NEW):
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        ended = (terminated | truncated).numpy()
+        ends += ended
+        if t == 0:
+            assert ended.tolist() == [True, False, False] and info["_rm_score"].tolist() == [True, False, False]
+        if t > 0:  # row 0 is idle: its EOS is ignored, no reward, no log pi_ref
+            assert not ended[0] and float(rewards[0]) == 0.0 and float(info["ref_logprob"][0]) == 0.0
+            assert "prompt_index" not in info  # nothing restarts
+    assert ends.tolist() == [1, 1, 1]
+    with pytest.raises(ResetNeeded, match="all 3 episodes ended"):
+        envs.step(actions)
+    # a partial reset restarts only the masked rows, with their prompts; the others stay idle
+    obs, info = envs.reset(options={"reset_mask": np.array([False, True, False]), "prompt_index": [0, 4, 0]})
+    assert info["_prompt_index"].tolist() == [False, True, False] and int(info["prompt_index"][1]) == 4
+    obs, rewards, terminated, truncated, info = envs.step(torch.tensor([5, eos, 5]))
+    assert terminated.tolist() == [False, True, False] and float(rewards[0]) == 0.0
+
+
+def test_reset_mask_is_checked(make_env):
+    envs = make_env(vector=True, num_envs=2, autoreset_mode="Disabled")
+    with pytest.raises(ValueError, match="needs a full reset"):
+        envs.reset(options={"reset_mask": np.array([True, False])})
+    envs.reset()
+    with pytest.raises(ValueError, match="selects no env"):
+        envs.reset(options={"reset_mask": np.array([False, False])})
+    with pytest.raises(ValueError, match=r"bool array of shape \(2,\)"):
+        envs.reset(options={"reset_mask": np.array([1, 0])})
 
 
 @pytest.mark.parametrize("mode", ["NextStep", "SameStep"])

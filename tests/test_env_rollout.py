@@ -1,0 +1,115 @@
+"""The agents collect experience through the token MDP: every episode they learn from is one of a
+vector env's, and acting through the env draws exactly the completions ``CausalLMPolicy.sample``
+draws for the same seed (the env adds no randomness and changes no token)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import rlhfgym.agents as agents
+from rlhfgym.agents.common import EnvSampler, stream_prompt_indices
+from rlhfgym.agents.policy import CausalLMPolicy
+from rlhfgym.envs.lm import IncrementalLM
+from rlhfgym.envs.registration import register_envs
+from rlhfgym.envs.vector_env import TokenMDPVectorEnv
+
+register_envs()
+
+
+@pytest.fixture(scope="module")
+def env():
+    return gym.make("RLHF-Summarize-v0", max_new_tokens=12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_env_rollout_draws_what_the_policy_samples(env, temperature):
+    core = env.unwrapped
+    policy = CausalLMPolicy.from_env(env)
+    idx = stream_prompt_indices(core, 12, seed=3, position=0).repeat(2)  # duplicates, as RLOO has them
+    prompts = [core.task.prompt("train", int(i)) for i in idx]
+    sampler = EnvSampler(env, kl_coef=0.05)
+    torch.manual_seed(7)
+    direct = policy.sample(prompts, temperature=temperature)
+    torch.manual_seed(7)
+    roll = sampler.rollout(policy, idx, temperature=temperature)
+    t = direct.tokens.shape[1]
+    assert torch.equal(roll.tokens[:, :t], direct.tokens) and not roll.mask[:, t:].any()
+    assert torch.equal(roll.mask[:, :t], direct.mask) and torch.equal(roll.ended, direct.ended)
+    assert roll.texts == direct.texts and roll.prompts == prompts and roll.prompt_ids == direct.prompt_ids
+    torch.testing.assert_close(roll.logprobs[:, :t], direct.logprobs)
+    # what the env's step reported: log pi_ref of each action, RM at the end, gold
+    with torch.no_grad():
+        ref = policy.forward_logprobs(direct.prompt_ids, direct.tokens, direct.mask, model=core.reference_model)
+    torch.testing.assert_close(roll.ref_logprobs[:, :t], ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(roll.scores, core.score(prompts, direct.texts), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(roll.gold, core.gold(prompts, direct.texts), atol=1e-6)
+    # the per-step rewards are the env's: 0.05 log pi_ref, plus RM on the last step of each episode
+    last = roll.mask.sum(1) - 1
+    expected = 0.05 * roll.ref_logprobs
+    expected[torch.arange(len(idx)), last] += roll.scores
+    torch.testing.assert_close(roll.rewards, expected * roll.mask, atol=1e-5, rtol=0)
+
+
+def test_env_rollout_follows_the_agents_kl_coef(env):
+    """The rollout env pays the agent's beta; beta = 0 runs no reference unless asked."""
+    policy = CausalLMPolicy.from_env(env)
+    assert EnvSampler(env, kl_coef=0.2).vector_env(4).kl_coef == 0.2
+    assert EnvSampler(env, kl_coef=0.0).vector_env(4).core.ref_lm is None
+    roll = EnvSampler(env, kl_coef=0.0, compute_ref=True).rollout(policy, [0, 1, 2])
+    taken = roll.ref_logprobs[roll.mask.bool()]
+    assert (taken <= 0).all() and (taken < -1e-3).float().mean() > 0.5  # log pi_ref of the actions, not zeros
+    sampler = EnvSampler(env, kl_coef=0.1)
+    assert sampler.vector_env(3) is sampler.vector_env(3)  # made once per batch size
+    assert sampler.vector_env(3).metadata["autoreset_mode"] == gym.vector.AutoresetMode.DISABLED
+
+
+def test_env_sampler_refuses_other_envs():
+    with pytest.raises(agents.AgentError, match="token MDP"):
+        EnvSampler(gym.make("CartPole-v1"), kl_coef=0.0)
+
+
+def test_duplicate_prompts_are_prefilled_once(env):
+    """IncrementalLM prefills a repeated prompt once and copies it: same logits and cache as row by row."""
+    model = env.unwrapped.reference_model
+    tok = env.unwrapped.tokenizer
+    prompts = [tok(p)["input_ids"] for p in env.unwrapped.prompts("train", 3)]
+    rows = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[1]]
+    together, one_by_one = IncrementalLM(model, 5, 160), IncrementalLM(model, 5, 160)
+    a = together.reset_rows(range(5), rows)
+    b = torch.cat([one_by_one.reset_rows([i], [rows[i]]) for i in range(5)])
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    step = torch.tensor([5, 6, 7, 8, 9])
+    torch.testing.assert_close(together.step(step), one_by_one.step(step), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("algo", "hyperparams", "budget"),
+    [
+        ("reinforce", {"batch_size": 4}, 8),
+        ("rloo", {"batch_size": 4, "rloo_k": 2}, 8),
+        ("ppo", {"batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1}, 8),
+        ("nash-md", {"batch_size": 2, "preference": "reward"}, 8),
+        ("rest", {"grow_steps": 1, "samples_per_prompt": 2, "prompts_per_grow": 4, "thresholds": [0.0],
+                  "eval_prompts": 0}, 12),
+    ],
+)
+def test_agents_learn_from_the_envs_episodes(env, monkeypatch, algo, hyperparams, budget):
+    """Every completion an RL agent trains on is an episode of the vector env (counted at its step)."""
+    ended = []
+    step = TokenMDPVectorEnv.step
+
+    def counting_step(self, actions):
+        out = step(self, actions)
+        ended.append(int((out[2] | out[3]).sum()))
+        return out
+
+    monkeypatch.setattr(TokenMDPVectorEnv, "step", counting_step)
+    agent = agents.make(algo, **hyperparams)
+    agent.learn(env, budget, progress_bar=False)
+    episodes = sum(ended)
+    # ReST also reads each prompt's original completion (budget 1 each), which is not an episode
+    assert episodes == (budget - 4 if algo == "rest" else budget)
