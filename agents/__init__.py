@@ -21,6 +21,7 @@ BUILTIN_AGENTS = {
     "nash-md": "rlhfgym.agents.nash_md:NashMD",
     "sft": "rlhfgym.agents.sft:SFT",
     "best-of-n": "rlhfgym.agents.best_of_n:BestOfN",
+    "sb3-ppo": "rlhfgym.agents.sb3_ppo:SB3PPO",
 }
 for _name, _target in BUILTIN_AGENTS.items():
     register(_name, _target)

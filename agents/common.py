@@ -347,7 +347,10 @@ class EnvSampler:
     ``autoreset_mode="Disabled"`` (a row that ended stays idle), the agent's ``kl_coef`` (so the
     env's per-step reward is the agent's, and ``kl_coef=0`` runs no reference), the agent's
     ``split``, on the policy's ``device`` (with a copy of the reference there if it lives elsewhere);
-    ``compute_ref=True`` reports ``log pi_ref`` even when ``kl_coef`` is 0.
+    ``compute_ref=True`` reports ``log pi_ref`` even when ``kl_coef`` is 0. ``overlap`` (default: on
+    CPUs) lets the policy read each token in a second thread while the env steps (the two forwards
+    are independent; the results are the same either way; on a GPU, kernels already run
+    asynchronously to the host).
     :meth:`rollout` resets it with the batch's prompts and steps it with the policy's sampled tokens
     until every row has ended; rewards, ``log pi_ref``, RM scores, gold and texts all come from the
     env's ``step``. The tokens are those :meth:`CausalLMPolicy.sample` draws for the same prompts and
@@ -355,7 +358,7 @@ class EnvSampler:
     """
 
     def __init__(self, env, *, kl_coef: float, split: str = "train", device: str | torch.device = "cpu",
-                 compute_ref: bool | None = None):
+                 compute_ref: bool | None = None, overlap: bool | None = None):
         from rlhfgym.envs.config import EnvConfig
 
         self.core = getattr(env, "unwrapped", env)
@@ -367,6 +370,15 @@ class EnvSampler:
                                           compute_ref=compute_ref, autoreset_mode="Disabled")
         self.kl_coef = float(kl_coef)
         self._envs: dict[int, Any] = {}
+        self.overlap = (torch.device(self.config.device).type == "cpu") if overlap is None else bool(overlap)
+        self._pool = None
+
+    def _worker(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="rlhfgym-policy")
+        return self._pool
 
     def vector_env(self, num_envs: int):
         """The vector env of ``num_envs`` rows (made once per size, then reused)."""
@@ -415,6 +427,8 @@ class EnvSampler:
         for t in range(t_max):
             tok, tok_logp = sampler.draw()
             tok = torch.where(done, pad, tok)  # rows that ended are idle in the env; record padding
+            # the policy reads the token (its next logits) while the env steps: independent work
+            advancing = self._worker().submit(sampler.advance, tok, ~done) if self.overlap else None
             _, reward, terminated, truncated, info = envs.step(tok)
             tokens[:, t], mask[:, t] = tok, (~done).long()
             logps[:, t] = torch.where(done, 0.0, tok_logp)
@@ -428,9 +442,12 @@ class EnvSampler:
             active = ~done
             done = done | terminated | truncated
             ended = ended | terminated
+            if advancing is not None:
+                advancing.result()
+            elif not bool(done.all()):
+                sampler.advance(tok, active)
             if bool(done.all()):
                 break
-            sampler.advance(tok, active)
         model.train(was_training)
         prompts = [self.core.task.prompt(self.config.split, int(i)) for i in idx]
         return EnvRollout(prompts, prompt_ids, tokens, mask, logps, texts, ended, rewards, ref_logps, scores, gold,

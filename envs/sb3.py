@@ -1,9 +1,12 @@
 """Stable-Baselines3 ``VecEnv`` adaptor for the token-level RLHF MDP.
 
-SB3 wants numpy observations, SAME_STEP autoreset with the last observation of an ended episode in
-``infos[i]["terminal_observation"]``, and ``infos[i]["TimeLimit.truncated"]`` for bootstrapping.
-This adaptor gives exactly that on top of the batched torch core (one batch for all envs, not one
-env object per env)::
+SB3 wants numpy observations and SAME_STEP autoreset with the last observation of an ended episode
+in ``infos[i]["terminal_observation"]``. This adaptor gives exactly that on top of the batched torch
+core (one batch for all envs, not one env object per env). An episode cut at ``max_new_tokens`` has
+ended for good (the reward model has paid for the whole completion, nothing follows), so the adaptor
+never sets SB3's ``infos[i]["TimeLimit.truncated"]``: SB3 would otherwise add ``gamma * V(last
+observation)`` to that episode's last reward. ``infos[i]["eos"]`` says whether the episode ended
+with EOS (terminated) rather than at ``max_new_tokens`` (truncated)::
 
     from rlhfgym.envs.sb3 import make_sb3_vec_env
     venv = make_sb3_vec_env("RLHF-Summarize-Gold-v0", num_envs=8, max_new_tokens=16)
@@ -79,7 +82,7 @@ class SB3VecEnv(SequenceAccess, VecEnv):
             for j, row in enumerate(r.finished):
                 infos[row].update(
                     terminal_observation={"input_ids": final_ids[j], "attention_mask": final_mask[j]},
-                    **{"TimeLimit.truncated": bool(r.truncated[row] and not r.terminated[row])},
+                    eos=bool(r.terminated[row]),
                     rm_score=rm[j],
                     gold=float(r.gold[j]),
                     completion=r.completions[j],

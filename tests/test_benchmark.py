@@ -18,7 +18,7 @@ import rlhfgym.agents
 from rlhfgym.zoo import benchmark as bm
 from rlhfgym.zoo.benchmark import Benchmark, BenchmarkError, load_benchmark, registered, run_benchmark
 
-SHIPPED = ("summarize-quick", "summarize", "summarize-fact", "summarize-aif", "intransitive", "full")
+SHIPPED = ("summarize-quick", "summarize", "summarize-fact", "summarize-aif", "summarize-sb3", "intransitive", "full")
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "tiny") -> Path:
@@ -50,7 +50,11 @@ def test_every_shipped_benchmark_is_registered_and_valid():
         assert bench.name == name and bench.description and bench.runs("out")
     quick = load_benchmark("summarize-quick")
     assert quick.envs == ("RLHF-Summarize-v0",) and quick.seeds == (0,)
-    assert set(rlhfgym.agents.BUILTIN_AGENTS) <= {r.agent for r in quick.runs("out")}
+    # every built-in agent but SB3's PPO, which has its own benchmark next to the built-in PPO
+    assert set(rlhfgym.agents.BUILTIN_AGENTS) - {"sb3-ppo"} <= {r.agent for r in quick.runs("out")}
+    assert {r.agent for r in load_benchmark("summarize-sb3").runs("out")} == {"ppo", "sb3-ppo"}
+    # a shipped benchmark keeps the agents it was defined with when new ones are registered
+    assert "sb3-ppo" not in {r.agent for r in load_benchmark("summarize").runs("out")}
     # benchmark.json (committed under docs/results/) names a shipped file by its place in the repo, not this machine's path
     assert quick.to_dict()["source"] == "zoo/benchmarks/summarize-quick.yml"
     big = load_benchmark("summarize")

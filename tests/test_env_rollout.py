@@ -53,6 +53,21 @@ def test_env_rollout_draws_what_the_policy_samples(env, temperature):
     torch.testing.assert_close(roll.rewards, expected * roll.mask, atol=1e-5, rtol=0)
 
 
+def test_overlapping_the_policy_with_the_env_changes_nothing(env):
+    """The policy reading its token in a second thread while the env steps gives the same episodes."""
+    policy = CausalLMPolicy.from_env(env)
+    idx = list(range(6))
+    out = []
+    for overlap in (False, True):
+        sampler = EnvSampler(env, kl_coef=0.05, overlap=overlap)
+        torch.manual_seed(3)
+        out.append(sampler.rollout(policy, idx))
+    assert EnvSampler(env, kl_coef=0.05).overlap  # on by default on a CPU
+    serial, overlapped = out
+    assert torch.equal(serial.tokens, overlapped.tokens) and serial.texts == overlapped.texts
+    assert torch.equal(serial.rewards, overlapped.rewards) and torch.equal(serial.logprobs, overlapped.logprobs)
+
+
 def test_env_rollout_follows_the_agents_kl_coef(env):
     """The rollout env pays the agent's beta; beta = 0 runs no reference unless asked."""
     policy = CausalLMPolicy.from_env(env)
