@@ -128,3 +128,14 @@ def test_agents_learn_from_the_envs_episodes(env, monkeypatch, algo, hyperparams
     episodes = sum(ended)
     # ReST also reads each prompt's original completion (budget 1 each), which is not an episode
     assert episodes == (budget - 4 if algo == "rest" else budget)
+
+
+def test_bench_rollout_times_both_ways_on_the_same_tokens(capsys):
+    from rlhfgym.zoo.bench_rollout import bench_rollout
+
+    result = bench_rollout(batch=4, samples_per_prompt=2, repeats=1)
+    assert result["same_tokens"] and result["env_median"] > 0 and result["sequence_median"] > 0
+    assert result["ratio"] == pytest.approx(result["sequence_median"] / result["env_median"])
+    assert "| 4 | 2 | 0.05 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        bench_rollout(batch=5, samples_per_prompt=2)
