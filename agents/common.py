@@ -405,14 +405,24 @@ class EnvSampler:
         idx = np.asarray(prompt_index, dtype=np.int64).reshape(-1)
         envs = self.vector_env(len(idx))
         b, t_max, device = len(idx), envs.max_new_tokens, envs.device
-        obs, _ = envs.reset(options={"prompt_index": idx})
-        ids, att = obs["input_ids"], obs["attention_mask"]
-        prompt_ids = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids.cpu(), att.cpu())]
+        prompts = [self.core.task.prompt(self.config.split, int(i)) for i in idx]
         model = policy.model
         was_training = model.training
         model.eval()
-        sampler = TokenSampler(model, ids, attention_mask=att, max_new_tokens=t_max, window=ids.shape[1],
-                               vocab_size=len(policy.tokenizer), temperature=temperature, mixture=mixture)
+
+        def start_sampler(prompt_ids):
+            return TokenSampler(model, prompt_ids, max_new_tokens=t_max, window=envs.core.window,
+                                vocab_size=len(policy.tokenizer), temperature=temperature, mixture=mixture)
+
+        # the policy reads the prompts (its prefill) while the env resets (the reference's prefill)
+        mine = policy.encode_prompts(prompts)
+        starting = self._worker().submit(start_sampler, mine) if self.overlap else None
+        obs, _ = envs.reset(options={"prompt_index": idx})
+        ids, att = obs["input_ids"].cpu(), obs["attention_mask"].cpu()
+        prompt_ids = [row[row_mask.bool()].tolist() for row, row_mask in zip(ids, att)]
+        sampler = starting.result() if starting is not None else None
+        if sampler is None or prompt_ids != mine:  # the env's prompt tokens are the state: the policy acts on them
+            sampler = start_sampler(prompt_ids)
         pad = torch.full((b,), policy.pad_id, dtype=torch.long, device=device)
         tokens = torch.full((b, t_max), policy.pad_id, dtype=torch.long, device=device)
         logps = torch.zeros(b, t_max, device=device)
@@ -449,7 +459,6 @@ class EnvSampler:
             if bool(done.all()):
                 break
         model.train(was_training)
-        prompts = [self.core.task.prompt(self.config.split, int(i)) for i in idx]
         return EnvRollout(prompts, prompt_ids, tokens, mask, logps, texts, ended, rewards, ref_logps, scores, gold,
                           self.kl_coef)
 

@@ -68,6 +68,19 @@ def test_overlapping_the_policy_with_the_env_changes_nothing(env):
     assert torch.equal(serial.rewards, overlapped.rewards) and torch.equal(serial.logprobs, overlapped.logprobs)
 
 
+def test_the_policy_acts_on_the_envs_prompt_tokens(env):
+    """A policy that would cut prompts shorter than the env still acts on the env's state."""
+    short, full = CausalLMPolicy.from_env(env), CausalLMPolicy.from_env(env)
+    short.max_prompt_tokens = 8
+    sampler = EnvSampler(env, kl_coef=0.0)
+    torch.manual_seed(5)
+    a = sampler.rollout(short, [0, 1, 2])
+    torch.manual_seed(5)
+    b = sampler.rollout(full, [0, 1, 2])
+    assert a.prompt_ids == full.encode_prompts(a.prompts) and max(map(len, a.prompt_ids)) > 8
+    assert torch.equal(a.tokens, b.tokens)  # sampled from the whole prompt, not the policy's cut
+
+
 def test_env_rollout_follows_the_agents_kl_coef(env):
     """The rollout env pays the agent's beta; beta = 0 runs no reference unless asked."""
     policy = CausalLMPolicy.from_env(env)
