@@ -400,15 +400,21 @@ class EnvSampler:
         """One episode for each prompt index of the split: ``policy`` (a :class:`CausalLMPolicy`; its
         model samples in eval mode, then gets its mode back) acts, the env pays. ``mixture``: as in
         :meth:`CausalLMPolicy.sample` (Nash-MD's opponent)."""
-        from rlhfgym.envs.lm import TokenSampler
-
         idx = np.asarray(prompt_index, dtype=np.int64).reshape(-1)
         envs = self.vector_env(len(idx))
-        b, t_max, device = len(idx), envs.max_new_tokens, envs.device
         prompts = [self.core.task.prompt(self.config.split, int(i)) for i in idx]
         model = policy.model
         was_training = model.training
         model.eval()
+        try:
+            return self._rollout(envs, policy, idx, prompts, temperature, mixture)
+        finally:
+            model.train(was_training)
+
+    def _rollout(self, envs, policy, idx, prompts, temperature, mixture) -> EnvRollout:
+        from rlhfgym.envs.lm import TokenSampler
+
+        b, t_max, device, model = len(idx), envs.max_new_tokens, envs.device, policy.model
 
         def start_sampler(prompt_ids):
             return TokenSampler(model, prompt_ids, max_new_tokens=t_max, window=envs.core.window,
@@ -458,7 +464,6 @@ class EnvSampler:
                 sampler.advance(tok, active)
             if bool(done.all()):
                 break
-        model.train(was_training)
         return EnvRollout(prompts, prompt_ids, tokens, mask, logps, texts, ended, rewards, ref_logps, scores, gold,
                           self.kl_coef)
 
