@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import CONFIG_FILE, Agent, AgentError, read_agent_config
+from .policy import Rollout
 
 __all__ = [
     "TRAIN_STATE_FILE", "TRAIN_STATE_FORMAT", "SPLITS",
@@ -294,27 +295,19 @@ def stream_prompts(core, n: int, *, seed: int, position: int, split: str = "trai
 
 
 @dataclass
-class EnvRollout:
+class EnvRollout(Rollout):
     """One episode per row, collected by acting in the token MDP (:meth:`EnvSampler.rollout`).
 
-    ``prompts`` (texts), ``prompt_ids`` (token lists, as the env encoded them), ``tokens`` (B, T)
-    (the actions; ``pad_id`` after a row's episode ended), ``mask`` (B, T) 1 on the actions taken
-    (EOS included), ``logprobs`` (B, T) of the actions under the distribution sampled from,
-    ``texts`` (the env's decoded completions), ``ended`` (B,) bool: the episode terminated with EOS
-    (not truncated). From the env's ``step``: ``rewards`` (B, T), the per-step rewards
+    The fields of :class:`~.policy.Rollout` (``prompts``, ``prompt_ids`` as the env encoded them,
+    ``tokens`` (B, T): the actions, ``mask``, ``logprobs`` under the distribution sampled from,
+    ``texts``: the env's decoded completions, ``ended``: terminated with EOS, not truncated), and
+    from the env's ``step``: ``rewards`` (B, T), the per-step rewards
     ``r_t = env_kl_coef * log pi_ref(a_t|s_t)`` plus ``RM(x, y)`` on the last step; ``ref_logprobs``
     (B, T) ``log pi_ref(a_t|s_t)`` (``info["ref_logprob"]``; 0 where the env ran no reference);
     ``scores`` (B,) ``RM(x, y)`` (``info["rm_score"]``); ``gold`` (B,) float64 (NaN without a gold
     scorer); ``env_kl_coef``, the env's beta.
     """
 
-    prompts: list[str]
-    prompt_ids: list[list[int]]
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    texts: list[str]
-    ended: torch.Tensor
     rewards: torch.Tensor
     ref_logprobs: torch.Tensor
     scores: torch.Tensor
