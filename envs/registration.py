@@ -141,8 +141,10 @@ def build_components(
     * ``tokenizer``: None -> the micro tokenizer if ``reference`` is None or a model object, else
       the tokenizer saved with ``reference`` (path or hub name); a path/name -> ``AutoTokenizer``;
       a tokenizer object -> used as is.
-    * ``reward_model``: None or a name in :data:`REWARD_MODELS` ("gold") -> that factory; an object
-      with ``score(prompts, completions)`` (a :class:`~.rewards.RewardFunction`) -> used as is.
+    * ``reward_model``: None or a name in :data:`REWARD_MODELS` ("gold") -> that factory; the path of a
+      directory saved by :meth:`~.feedback.reward_model.RewardModel.save` (e.g. a reward model fitted
+      with :func:`~.feedback.fitting.fit_reward_model`) -> :class:`~.feedback.fitting.FittedReward`;
+      an object with ``score(prompts, completions)`` (a :class:`~.rewards.RewardFunction`) -> used as is.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -179,14 +181,24 @@ def build_components(
     choose_cpu_threads(reference, device)  # one thread for a small model on the CPU, unless the user chose
     if reward_model is None:
         reward_model = "gold"
-    if isinstance(reward_model, str):
-        if reward_model not in REWARD_MODELS:
-            raise ValueError(f"unknown reward model {reward_model!r}; use one of {sorted(REWARD_MODELS)} or pass an object.")
+    if isinstance(reward_model, str) and reward_model in REWARD_MODELS:
         reward_model = REWARD_MODELS[reward_model](task, tokenizer, device)
+    elif isinstance(reward_model, (str, os.PathLike)):
+        # a directory saved by RewardModel.save / fit_reward_model (a JSON-able way to name a fitted
+        # reward model, so a zoo run's env_kwargs can carry it)
+        from .feedback.fitting import FittedReward, is_reward_model_dir
+
+        if not is_reward_model_dir(reward_model):
+            text = os.fspath(reward_model)
+            hint = (f"{Path(text).resolve()} is not a saved reward model (no reward_config.json)" if _looks_local(text)
+                    else f"unknown reward model {text!r}")
+            raise ValueError(f"{hint}; use one of {sorted(REWARD_MODELS)}, a directory saved by "
+                             "rlhfgym.envs.feedback.fitting.fit_reward_model(cache_dir=...), or pass an object.")
+        reward_model = FittedReward.load(reward_model, device=device)
     elif not isinstance(reward_model, RewardFunction):
         raise ValueError(
-            f"reward_model must be a name ({sorted(REWARD_MODELS)}) or have score(prompts, completions); "
-            f"got {type(reward_model).__name__}."
+            f"reward_model must be a name ({sorted(REWARD_MODELS)}), a saved reward model's directory or have "
+            f"score(prompts, completions); got {type(reward_model).__name__}."
         )
     return {"task": task, "tokenizer": tokenizer, "reference": reference, "reward_model": reward_model}
 

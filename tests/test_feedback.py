@@ -302,8 +302,8 @@ def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokeni
     (prompt, completion) once per step (k sequences, not k(k-1)) and still learns the rule."""
     import itertools
 
-    from rlhfgym.envs.build import training
     from rlhfgym.envs.feedback import reward_model as rm_module
+    from rlhfgym.envs.feedback import training
 
     base = marker_preferences(48, seed=4).to_list()
     rows = []
@@ -335,9 +335,10 @@ def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokeni
 
 
 def test_old_homes_of_the_trainers_warn_and_give_the_build_functions():
-    """train_reward_model / train_preference_model moved to rlhfgym.envs.build.training; the old
-    names still work for one release, with a DeprecationWarning, and the runtime modules import the
-    build only when such a name is asked for."""
+    """train_reward_model moved to rlhfgym.envs.feedback.training (re-exported by the build's
+    training module), train_preference_model to rlhfgym.envs.build.training; the old names still work
+    for one release, with a DeprecationWarning, and the runtime modules import the build only when
+    such a name is asked for."""
     import subprocess
     import sys
 
@@ -345,7 +346,7 @@ def test_old_homes_of_the_trainers_warn_and_give_the_build_functions():
     from rlhfgym.envs.feedback import preference_model as pm_module
     from rlhfgym.envs.feedback import reward_model as rm_module
 
-    with pytest.warns(DeprecationWarning, match=r"reward_model\.train_reward_model moved to rlhfgym\.envs\.build\.training"):
+    with pytest.warns(DeprecationWarning, match=r"reward_model\.train_reward_model moved to rlhfgym\.envs\.feedback\.training"):
         assert rm_module.train_reward_model is training.train_reward_model
     with pytest.warns(DeprecationWarning, match="train_preference_model moved to rlhfgym.envs.build.training"):
         from rlhfgym.envs.feedback.preference_model import train_preference_model as old

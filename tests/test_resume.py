@@ -1,8 +1,8 @@
 """A killed training loop resumes from its snapshot and ends where an uninterrupted run ends.
 
 The reward model, the preference model and the judge share one loop
-(:func:`rlhfgym.envs.build.training.train_loop`), which saves a
-:class:`~rlhfgym.envs.build.checkpoint.LoopCheckpoint`; here each is killed after its third optimizer step
+(:func:`rlhfgym.envs.feedback.training.train_loop`), which saves a
+:class:`~rlhfgym.envs.feedback.checkpoint.LoopCheckpoint`; here each is killed after its third optimizer step
 (the snapshot is forced to be written at every step), run again with the same arguments, and
 compared with a run that was never killed.
 """
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from feedback_fixtures import make_lm, marker_preferences
-from rlhfgym.envs.build import checkpoint
-from rlhfgym.envs.build.checkpoint import CheckpointMismatch, LoopCheckpoint
+from rlhfgym.envs.feedback import checkpoint
+from rlhfgym.envs.feedback.checkpoint import CheckpointMismatch, LoopCheckpoint
 
 
 class Killed(Exception):
@@ -127,8 +127,10 @@ def test_a_snapshot_of_another_training_is_refused(fb_tokenizer, tmp_path, kill_
 
 def test_default_work_dir_follows_the_cache_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_GYM_CACHE", str(tmp_path))
-    a = checkpoint.default_work_dir(tmp_path / "out-a", "micro-v0")
-    b = checkpoint.default_work_dir(tmp_path / "out-b", "micro-v0")
+    from rlhfgym.envs.build.checkpoint import default_work_dir
+
+    a = default_work_dir(tmp_path / "out-a", "micro-v0")
+    b = default_work_dir(tmp_path / "out-b", "micro-v0")
     assert a.parent == tmp_path / "build-assets" and a.name.startswith("micro-v0-") and a != b
 
 

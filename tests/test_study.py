@@ -210,3 +210,76 @@ def test_head_to_head_matrix_shows_the_intransitive_population_cycle(tmp_path):
     assert all(w["mean"] < 0.5 for w in h2h["min"].values())
     md = st.markdown({**st.analyse(study, tmp_path / "none"), "head_to_head": h2h})
     assert "| row ≻ column | X | Y | Z | min (opponent) |" in md
+
+
+# ---------------------------------------------------------------------------------------------- fitted reward models
+
+RM_STUDY = {
+    "env": "RLHF-Intransitive-v0",
+    "reference": "pi_ref",
+    "reward_models": {"rm": {"data": "dpo-pairs", "pairs": 8, "labelers": "intransitive", "heldout": 4, "epochs": 1,
+                             "batch_size": 4}},
+    "arms": {"bon2-rm": {"agent": "best-of-n", "hyperparams": {"n": 2, "batch_size": 8}, "reward_model": "rm"},
+             "bon2-env": {"agent": "best-of-n", "hyperparams": {"n": 2, "batch_size": 8}}},
+    "presets": {"quick": {"seeds": 1, "budget": 1, "eval": {"prompts": 4}},
+                "full": {"seeds": 1, "budget": 1, "reward_models": {"rm": {"pairs": 16}}}},
+}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["arms"]["bon2-rm"].update(reward_model="rn"), "arm 'bon2-rm': reward_model: unknown reward model 'rn'. Did you mean 'rm'"),
+    (lambda d: d["reward_models"]["rm"].update(data="dpo-pair"), "unknown data 'dpo-pair'. Did you mean 'dpo-pairs'"),
+    (lambda d: d["reward_models"]["rm"].update(prompts=8), "data: dpo-pairs is sized by pairs, not prompts"),
+    (lambda d: d["reward_models"]["rm"].update(pairs=0), "needs pairs: a positive count"),
+    (lambda d: d["reward_models"]["rm"].update(labelers="alpacafram"), "unknown labeler preset 'alpacafram'"),
+    (lambda d: d["reward_models"]["rm"].update(epoch=2), "unknown key 'epoch'. Did you mean 'epochs'"),
+    (lambda d: d["reward_models"].update({"a/b": {"data": "sft-pairs", "prompts": 4}}), "cannot contain '/'"),
+    (lambda d: d["presets"]["quick"].update(reward_models={"rn": {"pairs": 4}}), "presets: reward_models: unknown reward model 'rn'"),
+])
+def test_bad_reward_model_definitions_fail_naming_the_fix(change, message):
+    data = json.loads(json.dumps(RM_STUDY))
+    change(data)
+    with pytest.raises(st.StudyError, match=re.escape(message)):
+        st.resolve("rm", data, "quick")
+
+
+def test_an_arm_on_a_fitted_reward_model_names_its_directory_in_the_runs_env_kwargs(tmp_path):
+    quick = st.resolve("rm", RM_STUDY, "quick")
+    assert [m.name for m in quick.reward_models] == ["rm"] and quick.reward_model_spec("rm").size == 8
+    assert st.resolve("rm", RM_STUDY, "full").reward_model_spec("rm").size == 16  # the preset's entry merged over
+    runs = dict((a.label, spec) for a, spec in quick.runs(tmp_path))
+    assert runs["bon2-rm"]["overrides"]["env_kwargs"] == {"reward_model": str(tmp_path / "reward-models" / "rm")}
+    assert "env_kwargs" not in runs["bon2-env"]["overrides"]
+    unused = json.loads(json.dumps(RM_STUDY))
+    del unused["arms"]["bon2-rm"]
+    assert st.resolve("rm", unused, "quick").reward_models == ()  # only the models an arm uses are fitted
+
+
+def test_a_study_fits_its_reward_model_once_and_its_arm_is_paid_by_it(tmp_path, monkeypatch):
+    import yaml
+
+    from rlhfgym.envs.feedback import training
+
+    path = tmp_path / "rm.yml"
+    path.write_text(yaml.safe_dump(RM_STUDY))
+    out = tmp_path / "runs"
+    st.run_study(str(path), out=out, progress=False)
+    root = out / "rm" / "quick"
+    fit = json.loads((root / "reward-models" / "rm" / "fit.json").read_text())
+    assert fit["metrics"]["n_train_pairs"] == 8 and fit["metrics"]["n_eval_pairs"] == 4
+    run = root / "bon2-rm" / "RLHF-Intransitive-v0" / "best-of-n" / "b1" / "seed0"
+    results = json.loads((run / "results.json").read_text())
+    assert results["env_kwargs"] == {"reward_model": str(root / "reward-models" / "rm")}
+    result = json.loads((root / "study.json").read_text())
+    assert result["reward_models"]["rm"]["metrics"]["n_train_pairs"] == 8
+    assert 0.5 <= result["reward_models"]["rm"]["heldout_bayes_ceiling"] <= 1.0
+    assert result["arms"]["bon2-rm"]["reward_model"] == "rm"
+    # the proxy is the fitted model's, not the env's own reward: pi_ref's proxy differs between the arms
+    rm_ref, env_ref = (json.loads(next((root / a).rglob("eval.json")).read_text())["sft"]["proxy"] for a in ("bon2-rm", "bon2-env"))
+    assert rm_ref != env_ref
+    assert "## Reward models fitted by the study" in (root / "study.md").read_text()
+    # a run redone later loads the cached model and data instead of fitting again
+    monkeypatch.setattr(training, "train_reward_model", lambda *a, **k: pytest.fail("refitted despite the cache"))
+    (run / "eval.json").unlink()
+    st.run_study(str(path), out=out, progress=False)
+    assert (run / "eval.json").is_file()

@@ -26,8 +26,33 @@ the figure. Two presets size it: ``quick`` (a 2-core CPU, at most 45 minutes) an
       full:  {seeds: 5, budget: 4096, eval: {prompts: 2000, samples: 4}}
 
 A preset's ``arms`` entries are merged over the top-level ones (``hyperparams`` merged key by key);
-``only: [labels]`` in a preset runs a subset. The evaluation seed defaults to ``null``: each run is
-evaluated with its own training seed.
+``only: [labels]`` in a preset runs a subset.
+
+*Reward models fitted inside the study.* ``reward_models`` names Bradley-Terry reward models that the
+study fits itself (a preset's entries are merged over them key by key), and an arm's
+``reward_model: NAME`` makes its env pay that model's reward (``gym.make(env, reward_model=DIR)``:
+the arm's ``env_kwargs``)::
+
+    reward_models:
+      rm-1of16: {data: sft-pairs, prompts: 1000, labelers: alpacafarm, heldout: 200}
+      rm-bt: {data: dpo-pairs, pairs: 256, labelers: intransitive, heldout: 200, batch_size: 32}
+    arms:
+      bon-16-rm-1of16: {agent: best-of-n, budget: 1, hyperparams: {n: 16}, reward_model: rm-1of16}
+
+``data: sft-pairs``: the asset build's recipe of the shipped reward model's data
+(:func:`rlhfgym.envs.feedback.fitting.sample_labelled_pairs`: 4 SFT samples per train prompt at
+temperatures 0.7/1.0/1.3/0.7, all 6 pairs, 3 annotators of ``labelers``, soft labels) on ``prompts``
+random train prompts; models of one study with the same ``labelers``, ``seed`` and ``heldout`` share
+one draw and each takes its first ``prompts`` prompts, so a smaller model's data is a subset of a
+larger one's. The shipped reward model used 16,000 prompts (95,962 pairs). ``data: dpo-pairs``: DPO's
+offline pairs (:func:`rlhfgym.agents.dpo.make_preference_pairs`: two π_ref samples per train prompt,
+one click of ``labelers`` each) on the study's env with ``seed``: with ``pairs`` = a DPO arm's
+budget / 2 they are the very pairs that arm's seed-``seed`` run trains on. ``heldout``: held-out
+prompts of the validation split (accuracy, agreement with gold); ``epochs``, ``lr``, ``batch_size``:
+the fit (default the shipped reward model's 4, 3e-4, 128). Data and models are cached under
+``OUT/NAME/PRESET/reward-models/`` (atomic writes; a second run loads them, a killed fit resumes).
+
+The evaluation seed defaults to ``null``: each run is evaluated with its own training seed.
 
 Execution reuses the zoo: each arm is a :class:`rlhfgym.zoo.benchmark.Benchmark` (one agent, one
 env, one budget) whose :meth:`~rlhfgym.zoo.benchmark.Benchmark.runs` puts its runs under
@@ -66,13 +91,18 @@ STUDIES_DIR = Path(__file__).resolve().parent / "studies"
 PRESETS = ("quick", "full")
 BACKENDS = ("local", "ray")
 KEYS = ("description", "claim", "env", "arms", "reference", "checks", "plot", "plot_metric", "frontier_of", "fits",
-        "head_to_head", "presets", "notes")
+        "head_to_head", "presets", "notes", "reward_models")
 FIT_KEYS = ("label", "arms", "form")
 LABELER_PRESETS = ("gold", "alpacafarm", "intransitive")  # = rlhfgym.envs.feedback.labelers.PRESETS
 #: Gao et al. (2022)'s functional forms of gold reward (relative to π_ref) against d = √KL(π‖π_ref)
 GAO_FORMS = ("best-of-n", "rl")
-ARM_KEYS = ("agent", "budget", "hyperparams", "env")
-PRESET_KEYS = ("seeds", "budget", "eval", "arms", "only", "time")
+ARM_KEYS = ("agent", "budget", "hyperparams", "env", "reward_model")
+PRESET_KEYS = ("seeds", "budget", "eval", "arms", "only", "time", "reward_models")
+#: a fitted reward model's keys; ``data`` is one of RM_DATA, sized by ``prompts`` (sft-pairs) or ``pairs`` (dpo-pairs)
+RM_KEYS = ("data", "prompts", "pairs", "heldout", "labelers", "seed", "epochs", "lr", "batch_size")
+RM_DATA = {"sft-pairs": "prompts", "dpo-pairs": "pairs"}
+#: where a study keeps its fitted reward models and their data, below its output dir
+REWARD_MODELS_DIR = "reward-models"
 EVAL_KEYS = ("split", "prompts", "samples", "temperature", "seed")
 CHECK_KEYS = ("a", "op", "b", "metric", "temperature", "note")
 PLOTS = ("bars", "frontier", "overoptimisation", "matrix")
@@ -119,6 +149,27 @@ class Arm:
     env: str
     budget: int
     hyperparams: dict[str, Any] = field(default_factory=dict)
+    reward_model: str | None = None  # the name of one of the study's fitted reward models: the env's reward
+
+
+@dataclass(frozen=True)
+class RewardModelSpec:
+    """A Bradley-Terry reward model the study fits: on ``size`` prompts (``data="sft-pairs"``) or pairs
+    (``"dpo-pairs"``) labelled by ``labelers``, evaluated on ``heldout`` validation prompts, fitted with
+    ``fit`` (epochs, lr, batch_size) from ``seed``."""
+
+    name: str
+    data: str
+    size: int
+    labelers: str
+    heldout: int
+    seed: int
+    env: str
+    fit: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "data": self.data, RM_DATA[self.data]: self.size, "labelers": self.labelers,
+                "heldout": self.heldout, "seed": self.seed, "env": self.env, **self.fit}
 
 
 @dataclass(frozen=True)
@@ -154,6 +205,7 @@ class Study:
     notes: str = ""
     time: str = ""
     source: str = ""
+    reward_models: tuple[RewardModelSpec, ...] = ()  # those the arms use
 
     @property
     def temperatures(self) -> list[float]:
@@ -166,21 +218,39 @@ class Study:
                 return a
         raise _unknown("arm", label, [a.label for a in self.arms], f"study {self.name!r}: ")
 
-    def benchmark(self, arm: Arm):
-        """The arm as a one-agent, one-env, one-budget :class:`~rlhfgym.zoo.benchmark.Benchmark` named by its label."""
+    def reward_model_spec(self, name: str) -> RewardModelSpec:
+        for m in self.reward_models:
+            if m.name == name:
+                return m
+        raise _unknown("reward model", name, [m.name for m in self.reward_models], f"study {self.name!r}: ")
+
+    def benchmark(self, arm: Arm, root: str | os.PathLike | None = None):
+        """The arm as a one-agent, one-env, one-budget :class:`~rlhfgym.zoo.benchmark.Benchmark` named by its label.
+
+        An arm with a ``reward_model`` gets ``env_kwargs: {reward_model: ROOT/reward-models/NAME}`` in its
+        hyperparameters (part of each run's identity); ``root`` None (validation only) leaves ROOT relative."""
         from rlhfgym.zoo.benchmark import Benchmark
 
+        hp = dict(arm.hyperparams)
+        if arm.reward_model is not None:
+            where = reward_model_dir(root if root is not None else ".", arm.reward_model)
+            hp["env_kwargs"] = {**hp.get("env_kwargs", {}), "reward_model": str(where)}
         data = {"envs": [arm.env], "agents": [arm.agent], "budgets": [arm.budget], "seeds": list(self.seeds),
-                "eval": dict(self.eval), "hyperparams": {arm.agent: dict(arm.hyperparams)} if arm.hyperparams else {}}
+                "eval": dict(self.eval), "hyperparams": {arm.agent: hp} if hp else {}}
         return Benchmark.from_dict(arm.label, data, source=f"{self.source} (arm {arm.label!r})")
 
     def runs(self, root: str | os.PathLike, device: str = "cpu") -> list[tuple[Arm, dict[str, Any]]]:
         """Every run (arm x seed) as ``(arm, benchmark run spec)``, under ``root/<arm>/<env>/<agent>/b<budget>/seed<k>``."""
         out = []
         for arm in self.arms:
-            for run in self.benchmark(arm).runs(Path(root), device=device):
+            for run in self.benchmark(arm, root).runs(Path(root), device=device):
                 out.append((arm, run.to_dict()))
         return out
+
+
+def reward_model_dir(root: str | os.PathLike, name: str) -> Path:
+    """Where a study whose output dir is ``root`` keeps its fitted reward model ``name``."""
+    return Path(root) / REWARD_MODELS_DIR / name
 
 
 def _is_int(x: Any) -> bool:
@@ -216,6 +286,7 @@ def resolve(name: str, data: Any, preset: str = "quick", *, seeds: int | None = 
                 raise _unknown("arm", label, list(merged), f"{where}presets: {preset}: only: ")
         merged = {k: v for k, v in merged.items() if k in only}
     default_budget = p.get("budget")
+    rm_specs = _reward_model_specs(data, p, where)
     arms = []
     for label, arm in merged.items():
         if "agent" not in arm:
@@ -226,7 +297,13 @@ def resolve(name: str, data: Any, preset: str = "quick", *, seeds: int | None = 
         budget = arm.get("budget", default_budget)
         if not (_is_int(budget) and budget > 0):
             raise StudyError(f"{where}arm {label!r} needs a positive budget (the arm's or the preset's), got {budget!r}.")
-        arms.append(Arm(label=label, agent=arm["agent"], env=env, budget=budget, hyperparams=dict(arm.get("hyperparams") or {})))
+        rm = arm.get("reward_model")
+        if rm is not None and rm not in rm_specs:
+            raise _unknown("reward model", rm, list(rm_specs), f"{where}arm {label!r}: reward_model: ")
+        if rm is not None and "env_kwargs" in (arm.get("hyperparams") or {}) and "reward_model" in arm["hyperparams"]["env_kwargs"]:
+            raise StudyError(f"{where}arm {label!r} sets both reward_model and hyperparams: env_kwargs: reward_model; keep one.")
+        arms.append(Arm(label=label, agent=arm["agent"], env=env, budget=budget, hyperparams=dict(arm.get("hyperparams") or {}),
+                        reward_model=rm))
     n = seeds if seeds is not None else p.get("seeds", 1)
     if not (_is_int(n) and n >= 1):
         raise StudyError(f"{where}seeds must be a count N >= 1 (seeds 0..N-1), got {n!r}.")
@@ -270,13 +347,60 @@ def resolve(name: str, data: Any, preset: str = "quick", *, seeds: int | None = 
                   claim=str(data.get("claim") or "").strip(), arms=tuple(arms), seeds=tuple(range(n)), eval=evaluation,
                   checks=tuple(checks), reference=data.get("reference"), plot=plot,
                   plot_metric=data.get("plot_metric", "win_rate_labelers"), frontier_of=data.get("frontier_of"), fits=tuple(fits), head_to_head=h2h, notes=str(data.get("notes") or "").strip(),
-                  time=str(p.get("time") or ""), source=source or name)
+                  time=str(p.get("time") or ""), source=source or name,
+                  reward_models=tuple(rm_specs[r] for r in dict.fromkeys(a.reward_model for a in arms if a.reward_model)))
     for arm in study.arms:  # agents, env ids, budgets and the protocol, checked by the benchmark's own validation
         try:
             study.benchmark(arm)
         except ValueError as e:
             raise StudyError(str(e)) from None
     return study
+
+
+def _reward_model_specs(data: Mapping[str, Any], preset: Mapping[str, Any], where: str) -> dict[str, RewardModelSpec]:
+    """The study's ``reward_models`` with the preset's entries merged over them, validated."""
+    from rlhfgym.envs.feedback.labelers import PRESETS as LABELERS
+
+    top = data.get("reward_models") or {}
+    over = preset.get("reward_models") or {}
+    for what, block in (("reward_models", top), ("presets: reward_models", over)):
+        if not isinstance(block, Mapping):
+            raise StudyError(f"{where}{what} must map names to settings, got {block!r}.")
+    for name in over:
+        if name not in top:
+            raise _unknown("reward model", name, list(top), f"{where}presets: reward_models: ")
+    specs = {}
+    for name, spec in top.items():
+        w = f"{where}reward_models: {name}: "
+        spec = {**_check_keys(spec or {}, RM_KEYS, w), **_check_keys(over.get(name) or {}, RM_KEYS, w)}
+        if "/" in str(name) or str(name) in (".", ".."):
+            raise StudyError(f"{w}a reward model's name is a directory name; it cannot contain '/' (e.g. rm-1of16).")
+        kind = spec.get("data")
+        if kind not in RM_DATA:
+            raise _unknown("data", kind, list(RM_DATA), w)
+        size_key = RM_DATA[kind]
+        other = next((k for k in RM_DATA.values() if k != size_key and k in spec), None)
+        if other:
+            raise StudyError(f"{w}data: {kind} is sized by {size_key}, not {other}.")
+        size = spec.get(size_key)
+        if not (_is_int(size) and size >= 1):
+            raise StudyError(f"{w}data: {kind} needs {size_key}: a positive count, got {size!r}.")
+        labelers = spec.get("labelers", "alpacafarm")
+        if labelers not in LABELERS:
+            raise _unknown("labeler preset", labelers, list(LABELERS), w)
+        heldout, seed = spec.get("heldout", 0), spec.get("seed", 0)
+        for key, value in (("heldout", heldout), ("seed", seed)):
+            if not (_is_int(value) and value >= 0):
+                raise StudyError(f"{w}{key} must be a count >= 0, got {value!r}.")
+        fit = {k: spec[k] for k in ("epochs", "lr", "batch_size") if k in spec}
+        for key in ("epochs", "batch_size"):
+            if key in fit and not (_is_int(fit[key]) and fit[key] >= 1):
+                raise StudyError(f"{w}{key} must be a positive integer, got {fit[key]!r}.")
+        if "lr" in fit and not (isinstance(fit["lr"], (int, float)) and not isinstance(fit["lr"], bool) and fit["lr"] > 0):
+            raise StudyError(f"{w}lr must be a positive number, got {fit['lr']!r}.")
+        specs[str(name)] = RewardModelSpec(name=str(name), data=kind, size=size, labelers=labelers, heldout=heldout,
+                                           seed=seed, env=str(data.get("env") or ""), fit=fit)
+    return specs
 
 
 def registered() -> list[str]:
@@ -338,9 +462,12 @@ def run_study(name: str | os.PathLike, *, preset: str = "quick", seeds: int | No
     with benchmark_lock(root):
         atomic_write_text(root / "study-spec.json", json.dumps(
             {"name": study.name, "preset": study.preset, "seeds": list(study.seeds), "eval": study.eval,
-             "arms": [a.__dict__ for a in study.arms], "device": device, "backend": backend,
+             "arms": [a.__dict__ for a in study.arms], "reward_models": [m.to_dict() for m in study.reward_models],
+             "device": device, "backend": backend,
              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
         todo = [] if report_only else [s for _, s in specs if not run_finished(s)]
+        if todo and study.reward_models:  # fit (or load) the reward models the unfinished runs' envs pay
+            prepare_reward_models(study, root, device=device, progress=progress)
         bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"study {study.name} ({preset})", unit="run",
                    disable=not progress)
         try:
@@ -357,6 +484,147 @@ def run_study(name: str | os.PathLike, *, preset: str = "quick", seeds: int | No
     if progress:
         print(f"study {study.name} ({preset}): {len(specs)} runs ({len(todo)} run now) in {wall:.0f} s; report {report['md']}")
     return {"dir": str(root), "report": {k: str(v) for k, v in report.items()}, "runs": len(specs), "wall_seconds": wall}
+
+
+# ---------------------------------------------------------------------------------------------- fitted reward models
+
+
+def _data_key(fields: Mapping[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _data_fields(study: Study, spec: RewardModelSpec) -> dict[str, Any]:
+    """What identifies a reward model's data draw. sft-pairs models of one study with the same labelers,
+    seed and held-out size share one draw, of the largest one's number of prompts."""
+    fields = {"data": spec.data, "labelers": spec.labelers, "seed": spec.seed, "heldout": spec.heldout}
+    if spec.data == "sft-pairs":
+        group = [m for m in study.reward_models if (m.data, m.labelers, m.seed, m.heldout) ==
+                 (spec.data, spec.labelers, spec.seed, spec.heldout)]
+        return {**fields, "prompts": max(m.size for m in group)}
+    return {**fields, "pairs": spec.size, "env": spec.env}
+
+
+def _data_dir(study: Study, spec: RewardModelSpec, root: str | os.PathLike) -> Path:
+    return Path(root) / REWARD_MODELS_DIR / "data" / f"{spec.data}-{_data_key(_data_fields(study, spec))}"
+
+
+def _cached_pairs(directory: Path, fields: Mapping[str, Any], make) -> tuple[Any, Any, dict]:
+    """``(train, heldout, extra)`` from ``directory`` if it holds the data of ``fields``, else ``make()``'s,
+    written there first (atomically: JSONL records, then ``data.json`` last, which marks the data complete)."""
+    from rlhfgym.envs.assets import atomic_write_text
+    from rlhfgym.envs.feedback.preferences import export_jsonl, load_preferences
+
+    marker = directory / "data.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fields") == dict(fields):
+        held = directory / "heldout.jsonl"
+        extra = json.loads(marker.read_text())["extra"]
+        return load_preferences(directory / "train.jsonl"), load_preferences(held) if held.is_file() else None, extra
+    t0 = time.time()
+    train, heldout, extra = make()
+    export_jsonl(train, directory / "train.jsonl")
+    if heldout is not None:
+        export_jsonl(heldout, directory / "heldout.jsonl")
+    atomic_write_text(marker, json.dumps({"fields": dict(fields), "extra": extra, "n_train": len(train),
+                                          "n_heldout": len(heldout) if heldout is not None else 0,
+                                          "seconds": round(time.time() - t0, 1)}) + "\n")
+    return train, heldout, extra
+
+
+def _sft_pairs(study: Study, spec: RewardModelSpec, root: Path, device: str):
+    """The build's recipe on the first ``spec.size`` prompts of one draw shared by every sft-pairs model of
+    the study with the same labelers, seed and held-out size (the largest one's size)."""
+    import random
+
+    from rlhfgym.envs.feedback.fitting import sample_labelled_pairs
+    from rlhfgym.envs.tasks.news import NewsTask
+
+    task = NewsTask()
+    fields = _data_fields(study, spec)
+    size = task.split_size("train")
+    if fields["prompts"] > size:
+        raise StudyError(f"reward model {spec.name!r}: {fields['prompts']} prompts, but the train split has {size}.")
+
+    def make():
+        prompts = [task.prompt("train", i) for i in random.Random(spec.seed).sample(range(size), fields["prompts"])]
+        held = task.prompts("validation", spec.heldout) if spec.heldout else ()
+        train, heldout, (_, ys) = sample_labelled_pairs(task, prompts, heldout_prompts=held, labelers=spec.labelers,
+                                                         seed=spec.seed, device=device)
+        return train, heldout, {"prompts": prompts, "sft_t1": ys}
+
+    train, heldout, extra = _cached_pairs(_data_dir(study, spec, root), fields, make)
+    keep = set(extra["prompts"][: spec.size])
+    rows = [i for i, x in enumerate(train["prompt"]) if x in keep]
+    norm = (extra["prompts"][: spec.size], extra["sft_t1"][: spec.size])  # π_ref's T=1 samples score 0 on average
+    return train.select(rows), heldout, norm, task
+
+
+def _dpo_pairs(study: Study, spec: RewardModelSpec, root: Path, device: str):
+    """DPO's offline pairs on the study's env: ``spec.size`` train pairs (and ``spec.heldout`` validation pairs)."""
+    import gymnasium as gym
+
+    from rlhfgym.agents.dpo import make_preference_pairs
+
+    fields = _data_fields(study, spec)
+    env = gym.make(spec.env, device=device)
+    task = env.unwrapped.task
+
+    def make():
+        train = make_preference_pairs(env, spec.size, "train", labelers=spec.labelers, seed=spec.seed)
+        heldout = (make_preference_pairs(env, spec.heldout, "validation", labelers=spec.labelers, seed=spec.seed)
+                   if spec.heldout else None)
+        return train, heldout, {}
+
+    train, heldout, _ = _cached_pairs(_data_dir(study, spec, root), fields, make)
+    env.close()
+    return train, heldout, None, task  # centred on the training completions: π_ref's own T=1 samples
+
+
+def prepare_reward_models(study: Study, root: str | os.PathLike, *, device: str = "cpu",
+                          progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Fit every reward model the study's arms use into ``root/reward-models/NAME`` (or load it from there);
+    returns each one's ``fit.json`` (settings, digests of its data, held-out metrics)."""
+    from rlhfgym.envs.feedback.fitting import fit_reward_model
+
+    root = Path(root)
+    out = {}
+    for spec in study.reward_models:
+        t0 = time.time()
+        make = _sft_pairs if spec.data == "sft-pairs" else _dpo_pairs
+        train, heldout, norm, task = make(study, spec, root, device)
+        rm = fit_reward_model(train, heldout, cache_dir=reward_model_dir(root, spec.name), normalise_on=norm, gold=task,
+                              seed=spec.seed, device=device, progress=progress, **spec.fit)
+        out[spec.name] = rm.fit
+        if progress:
+            acc = rm.fit["metrics"].get("eval_accuracy")
+            print(f"reward model {spec.name}: {len(train)} pairs, held-out accuracy "
+                  f"{'–' if acc is None else f'{acc:.3f}'} ({time.time() - t0:.0f} s)")
+    return out
+
+
+def reward_model_report(study: Study, root: str | os.PathLike) -> dict[str, Any]:
+    """Each fitted reward model's spec and, once fitted, its ``fit.json`` metrics (None before), with the
+    Bayes ceiling of its held-out pairs: the accuracy of the best possible predictor of one labeler's click,
+    mean max(p, 1 − p) over the pairs' population probabilities p (``LabelerPopulation.bayes_ceiling``)."""
+    from rlhfgym.envs.feedback.fitting import FIT_FILE
+    from rlhfgym.envs.feedback.labelers import LabelerPopulation
+    from rlhfgym.envs.feedback.preferences import load_preferences
+    from rlhfgym.envs.tasks.news import NewsTask
+
+    out = {}
+    for spec in study.reward_models:
+        path = reward_model_dir(root, spec.name) / FIT_FILE
+        fit = json.loads(path.read_text()) if path.is_file() else None
+        held = _data_dir(study, spec, root) / "heldout.jsonl"
+        ceiling = None
+        if fit and held.is_file():  # both recipes are the micro news world's (sft-pairs samples its SFT policy)
+            h = load_preferences(held)
+            pop = LabelerPopulation.preset(spec.labelers, NewsTask())
+            ceiling = pop.bayes_ceiling(h["prompt"], h["chosen"], h["rejected"], rng=spec.seed).exact
+        out[spec.name] = {"spec": spec.to_dict(), "metrics": fit["metrics"] if fit else None,
+                          "settings": fit["settings"] if fit else None, "heldout_bayes_ceiling": ceiling}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -607,6 +875,7 @@ def analyse(study: Study, root: str | os.PathLike) -> dict[str, Any]:
         per_t = by_arm.get(arm.label, {})
         arms[arm.label] = {
             "agent": arm.agent, "env": arm.env, "budget": arm.budget, "hyperparams": arm.hyperparams,
+            "reward_model": arm.reward_model,
             "seeds": sorted(per_t.get(temps[0], {})),
             "by_temperature": {f"{t:g}": arm_metrics(per_t.get(t, {})) for t in temps},
         }
@@ -642,6 +911,7 @@ def analyse(study: Study, root: str | os.PathLike) -> dict[str, Any]:
     return {"name": study.name, "preset": study.preset, "description": study.description, "claim": study.claim,
             "seeds": list(study.seeds), "n_seeds": len(study.seeds), "ci_method": CI_METHOD, "eval": study.eval,
             "arms": arms, "reference": reference, "bradley_terry": bt, "checks": checks, "dominance": dominance, "overoptimisation": gao, "head_to_head": h2h,
+            "reward_models": reward_model_report(study, root) if study.reward_models else None,
             "runs_expected": expected, "runs_finished": done,
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -749,6 +1019,28 @@ def markdown(result: Mapping[str, Any]) -> str:
             lines.append(f"| {label} | {', '.join(v.get('proxy', [])) or '**none**'} | {', '.join(v.get('gold', [])) or '**none**'} |")
         lines += ["", f"Every other arm dominated: proxy **{'yes' if dom['all_dominated_proxy'] else 'no'}**, gold "
                   f"**{'yes' if dom['all_dominated_gold'] else 'no'}**."]
+    rms = result.get("reward_models")
+    if rms:
+        lines += ["", "## Reward models fitted by the study", "",
+                  "Bradley-Terry reward models fitted inside the study (`reward_models` in its YAML; cached in "
+                  "`reward-models/NAME/`), each the reward of the arms that name it. Held-out: one labeler's click per "
+                  "pair of validation prompts; its Bayes ceiling: the best any model can do on those clicks; gold pair accuracy: how often the model orders a held-out pair as gold does.", "",
+                  "| reward model | data | labelers | train pairs | epochs | held-out pairs | held-out accuracy | "
+                  "its Bayes ceiling | gold pair accuracy | Spearman with gold | fit seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def num(v, digits=3):
+            return "–" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+        for name, r in rms.items():
+            spec, m, st = r["spec"], r["metrics"] or {}, r["settings"] or {}
+            size = f"{spec['prompts']} prompts" if "prompts" in spec else f"{spec['pairs']} pairs"
+            lines.append("| " + " | ".join([name, f"{spec['data']} ({size})", spec["labelers"], num(m.get("n_train_pairs")),
+                                            num(st.get("epochs")), num(m.get("n_eval_pairs")), num(m.get("eval_accuracy")),
+                                            num(r.get("heldout_bayes_ceiling")), num(m.get("eval_gold_pair_accuracy")), num(m.get("eval_spearman")),
+                                            num(m.get("seconds_train"), 0)]) + " |")
+        used = {label: a["reward_model"] for label, a in result["arms"].items() if a.get("reward_model")}
+        lines += ["", "Arms on a fitted reward model: " + ", ".join(f"`{k}` ({v})" for k, v in used.items()) + "."]
     if result["checks"]:
         lines += ["", "## The claims, checked", "",
                   "Each claim compares two arms on the same seeds: the per-seed difference a − b, its mean and 95% "
@@ -928,5 +1220,6 @@ def write_report(study: Study, root: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["Study", "Arm", "Check", "StudyError", "load_study", "resolve", "registered", "run_study", "analyse",
+__all__ = ["Study", "Arm", "Check", "RewardModelSpec", "StudyError", "load_study", "resolve", "registered", "run_study",
+           "prepare_reward_models", "reward_model_dir", "reward_model_report", "analyse",
            "judge_check", "write_report", "markdown", "collect", "eval_file", "gao_fit", "gao_curve", "CI_METHOD"]

@@ -70,6 +70,7 @@ from ..assets import FEEDBACK_COMPONENTS, asset_dir, atomic_save_dir, atomic_wri
 from ..feedback.judge import JUDGE_CONFIG, load_judge
 from ..feedback.labelers import COMPONENTS, LabelerPopulation
 from ..tasks.news import CYCLE_SETS, WRITERS, NewsTask, cycle_completions, gold_score
+from ..feedback.training import truncated_backbone
 from .training import train_judge_lm
 
 __all__ = [
@@ -276,7 +277,7 @@ class _Memo:
 
 
 # ----------------------------------------------------------------------------------------------
-# The world: tokenizer, SFT policy, truncated backbones
+# The world: tokenizer, SFT policy (truncated backbones: rlhfgym.envs.feedback.training)
 
 
 def _load_tokenizer(root: Path):
@@ -291,41 +292,6 @@ def _load_sft(root: Path, device):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(root / "sft", dtype=torch.float32).to(device).eval()
-
-
-def truncated_backbone(sft_dir, n_layers: int | None):
-    """The SFT causal LM with only its first ``n_layers`` decoder layers (all when None or more).
-
-    The reward, preference and judge models start from it: it keeps the SFT's embeddings and
-    lower layers (what it learned about reading articles) at 3/4 of the size.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    full = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
-    total = full.config.num_hidden_layers
-    if n_layers is None or n_layers >= total:
-        return full
-    if n_layers < 1:
-        raise ValueError(f"n_layers must be at least 1 (the SFT model has {total}), got {n_layers}.")
-    config = AutoConfig.from_pretrained(sft_dir)
-    config.num_hidden_layers = n_layers
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = config.layer_types[:n_layers]
-    model = AutoModelForCausalLM.from_config(config).float()
-
-    def keep(name: str) -> bool:
-        parts = name.split(".")
-        if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
-            return int(parts[2]) < n_layers
-        return True
-
-    state = {k: v for k, v in full.state_dict().items() if keep(k)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"could not truncate {sft_dir} to {n_layers} layers: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-    model.tie_weights()
-    return model.eval()
 
 
 def _round_fp16_(model) -> None:

@@ -9,9 +9,14 @@
 * :mod:`.judge`: a judge that reads a constitution (RLAIF).
 * :mod:`.ratings`: Bradley-Terry ratings of many systems from pairwise outcomes.
 * :mod:`.factories`: the feedback models of the micro world as env rewards (``reward_model="learned"`` ...).
+* :mod:`.training`: the training loop of these models and the reward model's trainer;
+  :mod:`.checkpoint`: its resumable snapshots.
+* :mod:`.fitting`: a Bradley-Terry reward model fitted at runtime on preference records and cached
+  (the studies' reward models trained on part of the data, or on a labeler population's labels).
 
-Training these models (:mod:`rlhfgym.envs.build.training`) and building the shipped ones is
-:mod:`rlhfgym.envs.build`'s job; nothing here imports it (``reward_model.train_reward_model`` and
-``preference_model.train_preference_model``, the old names, look it up when asked for, with a
-DeprecationWarning, until rlhf-gym 0.3).
+Building the shipped models (and training the preference model and the judge,
+:mod:`rlhfgym.envs.build.training`) is :mod:`rlhfgym.envs.build`'s job; nothing here imports it
+(``preference_model.train_preference_model``, an old name, looks it up when asked for, with a
+DeprecationWarning, until rlhf-gym 0.3; ``reward_model.train_reward_model`` resolves to
+:mod:`.training`, with the same warning).
 """

@@ -6,7 +6,7 @@ directory (our SFT policy, a saved reward model) or a hub name alike. Inputs are
 ``format_input(prompt, completion)`` followed by EOS (the SFT data ends completions with EOS, so
 the head reads the state "the summary is finished").
 
-Training (:func:`rlhfgym.envs.build.training.train_reward_model`, part of the asset build) minimises
+Training (:func:`rlhfgym.envs.feedback.training.train_reward_model`, used by the asset build and the studies) minimises
 the soft-label Bradley-Terry loss (InstructGPT; soft labels as in Constitutional AI)::
 
     r_w, r_l = r(x, chosen), r(x, rejected)
@@ -351,7 +351,7 @@ class RewardModel:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation (training: rlhfgym.envs.build.training)
+# Evaluation (training: rlhfgym.envs.feedback.training)
 
 
 def distinct_pairs(prefs) -> tuple[list[tuple[str, str]], list[int], list[int], list[list[int]]]:
@@ -420,5 +420,5 @@ __all__ = [
     "soft_bt_loss", "distinct_pairs", "pair_scores", "save_scalar_model",
 ]
 
-# moved to the asset-building package; resolved lazily (runtime code never imports the build)
-__getattr__ = moved_attributes(__name__, {"train_reward_model": "rlhfgym.envs.build.training"})
+# moved to the training module; resolved lazily (training imports this module)
+__getattr__ = moved_attributes(__name__, {"train_reward_model": "rlhfgym.envs.feedback.training"})
