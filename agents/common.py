@@ -18,7 +18,8 @@ Read top to bottom:
   per-step rewards and ``log pi_ref``, RM scores, gold, texts).
 * **Reports**: :func:`mean_gold` (the task's gold score of completions, reported, never trained on;
   ``None`` without a gold scorer: :meth:`TrainingRun.update` leaves a ``None`` metric out).
-* **Sequences as tensors**: :func:`pad_cat`, :func:`trim`, :func:`sequence_logps`, :func:`batched_logps`.
+* **Sequences as tensors**: :func:`pad_cat`, :func:`trim`, :func:`sequence_logps`, :func:`batched_logps`,
+  :func:`batched_pair_logps`.
 * **Preferences**: :func:`labeler_population`, :func:`env_prefer`, :func:`as_preference_fn`,
   :func:`preference_probs`.
 * **Training runs**: :class:`TrainingRun` (budget, resume, checkpoints, TensorBoard, tqdm, the
@@ -57,7 +58,7 @@ __all__ = [
     "draw_prompt_indices", "draw_prompts", "stream_prompt_indices", "stream_prompts",
     "EnvSampler", "EnvRollout",
     "mean_gold",
-    "pad_cat", "trim", "sequence_logps", "batched_logps",
+    "pad_cat", "trim", "sequence_logps", "batched_logps", "batched_pair_logps",
     "labeler_population", "env_prefer", "as_preference_fn", "preference_probs",
     "save_train_state", "load_train_state", "DEFAULT_CHECKPOINT_SECONDS", "checkpoint_interval", "TrainingRun",
     "TrainingAgent",
@@ -507,6 +508,25 @@ def batched_logps(policy, prompt_ids, tokens, mask, *, model=None, batch_size: i
         out.append(sequence_logps(policy, prompt_ids[s:s + batch_size], tokens[s:s + batch_size],
                                   mask[s:s + batch_size], model=model).float())
     return torch.cat(out) if out else torch.zeros(0, device=policy.device)
+
+
+@torch.no_grad()
+def batched_pair_logps(policy, prompt_ids, chosen, chosen_mask, rejected, rejected_mask, *, model=None,
+                       batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log pi(y_w|x), log pi(y_l|x))``, (N,) each, without gradients: both completions of ``batch_size``
+    pairs in one batch, so each prompt runs through the network once (``forward_logprobs`` shares
+    repeated prompts)."""
+    w, l = [], []
+    for s in range(0, len(prompt_ids), batch_size):
+        e = s + batch_size
+        logp = sequence_logps(policy, prompt_ids[s:e] * 2, pad_cat(chosen[s:e], rejected[s:e], policy.pad_id),
+                              pad_cat(chosen_mask[s:e], rejected_mask[s:e], 0), model=model).float()
+        a, b = logp.split(len(prompt_ids[s:e]))
+        w.append(a)
+        l.append(b)
+    if not w:
+        return torch.zeros(0, device=policy.device), torch.zeros(0, device=policy.device)
+    return torch.cat(w), torch.cat(l)
 
 
 # ============================================================================================

@@ -57,6 +57,7 @@ from .common import (  # noqa: F401  (reference_policy and TrainingAgent: re-exp
     TrainingRun,
     as_preference_fn,
     batched_logps,
+    batched_pair_logps,
     AgentConfig,
     draw_prompts,
     env_core,
@@ -221,9 +222,10 @@ class Pairs:
                    torch.tensor(ds["label_prob"], dtype=torch.float32))
 
     def with_reference(self, policy, ref_model) -> "Pairs":
-        """Fill in the reference log-probs log pi_ref(y|x) of both completions (no gradients)."""
-        self.ref_chosen = batched_logps(policy, self.prompt_ids, self.chosen, self.chosen_mask, model=ref_model)
-        self.ref_rejected = batched_logps(policy, self.prompt_ids, self.rejected, self.rejected_mask, model=ref_model)
+        """Fill in the reference log-probs log pi_ref(y|x) of both completions (no gradients; each
+        prompt runs through the reference once for its two completions)."""
+        self.ref_chosen, self.ref_rejected = batched_pair_logps(policy, self.prompt_ids, self.chosen, self.chosen_mask,
+                                                                self.rejected, self.rejected_mask, model=ref_model)
         return self
 
 
@@ -323,7 +325,7 @@ class DPO(TrainingAgent):
         """The DPO-family loss of a batch of pairs (gradients flow into the policy)."""
         cfg, policy = self.config, self.policy
         beta = cfg["beta"]
-        # one forward over [chosen; rejected]
+        # one forward over [chosen; rejected] (forward_logprobs runs each prompt through the network once)
         logp = sequence_logps(policy, batch.prompt_ids * 2, pad_cat(batch.chosen, batch.rejected, policy.pad_id),
                               pad_cat(batch.chosen_mask, batch.rejected_mask, 0))
         logp_w, logp_l = logp.split(len(batch))
@@ -486,8 +488,8 @@ class DPO(TrainingAgent):
         data = Pairs.from_dataset(self.policy, ds).with_reference(self.policy, reference_for(self.policy, core))
         was = self.policy.training
         self.policy.eval()
-        pw = batched_logps(self.policy, data.prompt_ids, data.chosen, data.chosen_mask)
-        pl = batched_logps(self.policy, data.prompt_ids, data.rejected, data.rejected_mask)
+        pw, pl = batched_pair_logps(self.policy, data.prompt_ids, data.chosen, data.chosen_mask, data.rejected,
+                                    data.rejected_mask)
         self.policy.train(was)
         beta = self.config["beta"]
         h = (pw - data.ref_chosen) - (pl - data.ref_rejected)

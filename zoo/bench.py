@@ -1,4 +1,5 @@
-"""``rlhf-zoo bench env``: rollout throughput of the token MDP against the usual way;
+"""``rlhf-zoo bench env``: rollout throughput of the token MDP against the usual way and against bare
+KV-cached decoding (its limit);
 ``rlhf-zoo bench threads``: the token MDP's step rate by torch thread count, quiet and with a busy core.
 
 *Env*: ``gym.make_vec(env_id, num_envs=B)`` rolled out with the SFT policy acting through its own
@@ -110,23 +111,101 @@ def generate_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef:
     return n / (time.perf_counter() - t0)
 
 
+@torch.no_grad()
+def bare_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: float, device: str,
+                      repeats: int, temperature: float = 1.0) -> float:
+    """The limit of the env path: the same policy, reference and reward model with no env around them.
+
+    Each batch of ``batch`` prompts is decoded token by token with the policy's KV cache
+    (:class:`~rlhfgym.envs.lm.TokenSampler`); with ``kl_coef != 0`` the reference model follows with
+    its own KV cache and gives ``log pi_ref`` of every sampled token (what the env computes per step);
+    the finished batch is decoded and scored by the reward model once. Rows that ended wait (batch
+    synchronous, as ``generate``); the batch stops when every row has ended.
+    """
+    import gymnasium as gym
+
+    from rlhfgym.envs.lm import IncrementalLM, TokenSampler, decode_completions, encode_prompts
+
+    env = gym.make(env_id, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device)
+    core = env.unwrapped
+    policy, ref, tok = core.reference_model, core.reference_model, core.tokenizer
+    max_prompt = getattr(getattr(core, "core", core), "max_prompt_tokens", 96)
+    window, vocab = max_prompt + max_new_tokens, len(tok)
+    eos, pad = int(tok.eos_token_id), int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    prompts = core.prompts("train", batch * (repeats + 1))
+
+    def one_batch(ps):
+        ids = [row[-max_prompt:] for row in encode_prompts(tok, ps)]
+        sampler = TokenSampler(policy, ids, max_new_tokens=max_new_tokens, window=window, vocab_size=vocab,
+                               temperature=temperature)
+        ref_lm = IncrementalLM(ref, len(ids), window) if kl_coef else None
+        ref_logits = ref_lm.reset_rows(range(len(ids)), ids) if ref_lm is not None else None
+        done = torch.zeros(len(ids), dtype=torch.bool, device=core.device)
+        tokens, ref_logp, n = [], torch.zeros(len(ids), device=core.device), 0
+        for _ in range(max_new_tokens):
+            t, _ = sampler.draw()
+            t = torch.where(done, torch.full_like(t, pad), t)
+            active = ~done
+            if ref_lm is not None:  # log pi_ref(a_t | s_t), as the env pays it per step
+                lp = torch.log_softmax(ref_logits.float()[:, :vocab], -1).gather(-1, t[:, None]).squeeze(-1)
+                ref_logp += torch.where(active, lp, 0.0)
+            tokens.append(t)
+            n += int(active.sum())
+            done = done | (t == eos)
+            if bool(done.all()):
+                break
+            sampler.advance(t, active)
+            if ref_lm is not None:
+                ref_logits = ref_lm.step(t, active=active)
+        toks = torch.stack(tokens, 1).tolist()
+        texts = decode_completions(tok, [[x for x in row if x != pad] for row in toks])
+        core.score(ps, texts)
+        return n
+
+    one_batch(prompts[:batch])  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for r in range(1, repeats + 1):
+        n += one_batch(prompts[r * batch:(r + 1) * batch])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    env.close()
+    return n / (time.perf_counter() - t0)
+
+
 def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens: int = 32, device: str = "cpu",
-              repeats: int = 3) -> list[dict]:
-    """Print (and return) tokens/s of env rollouts vs generate (+ reference pass + RM), for kl_coef 0.05 and 0."""
+              repeats: int = 3, rounds: int = 1) -> list[dict]:
+    """Print (and return) tokens/s of env rollouts vs generate (+ reference pass + RM) and vs bare
+    KV-cached decoding of the same policy + reference + RM (:func:`bare_tokens_per_s`), for kl_coef
+    0.05 and 0. Each cell is the median of ``rounds`` interleaved measurements (generate, env, bare,
+    generate, ...), each over ``repeats`` batches."""
+    import statistics
+
     import rlhfgym.envs  # noqa: F401  (registers the ids)
 
     rows = []
     for kl_coef in (0.05, 0.0):
-        usual = generate_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats)
-        env = env_rollout_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, steps=repeats * max_new_tokens)
-        rows.append({"kl_coef": kl_coef, "env_tokens_per_s": env, "usual_tokens_per_s": usual, "ratio": env / usual})
+        usual, env, bare = [], [], []
+        for _ in range(rounds):
+            usual.append(generate_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats))
+            env.append(env_rollout_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device,
+                                                steps=repeats * max_new_tokens))
+            bare.append(bare_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats))
+        e, u, b = statistics.median(env), statistics.median(usual), statistics.median(bare)
+        rows.append({"kl_coef": kl_coef, "env_tokens_per_s": e, "usual_tokens_per_s": u, "bare_tokens_per_s": b,
+                     "ratio": e / u, "env_over_bare": e / b, "rounds": rounds,
+                     "runs": {"env": env, "usual": usual, "bare": bare}})
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
-    print(f"rlhf-zoo bench env — {env_id}, batch {batch}, max_new_tokens {max_new_tokens}, device {device} ({machine}), {date.today()}")
-    print("| kl_coef | env rollout (tokens/s) | usual way (tokens/s) | ratio |")
-    print("|---|---|---|---|")
+    print(f"rlhf-zoo bench env — {env_id}, batch {batch}, max_new_tokens {max_new_tokens}, device {device} ({machine}), "
+          f"{date.today()}, median of {rounds} interleaved round(s)")
+    print("| kl_coef | env rollout (tokens/s) | usual way (tokens/s) | ratio | bare KV-cached decoding (tokens/s) | env / bare |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         usual = "generate + ref pass + RM" if r["kl_coef"] else "generate + RM"
-        print(f"| {r['kl_coef']} | {r['env_tokens_per_s']:.0f} | {r['usual_tokens_per_s']:.0f} ({usual}) | {r['ratio']:.2f} |")
+        bare = "policy + ref + RM" if r["kl_coef"] else "policy + RM"
+        print(f"| {r['kl_coef']} | {r['env_tokens_per_s']:.0f} | {r['usual_tokens_per_s']:.0f} ({usual}) | {r['ratio']:.2f} | "
+              f"{r['bare_tokens_per_s']:.0f} ({bare}) | {r['env_over_bare']:.2f} |")
     return rows
 
 
@@ -199,10 +278,18 @@ def bench_threads(env_id: str = "RLHF-Summarize-Gold-v0", num_envs: int = 32, se
 # ---------------------------------------------------------------------------------------------- SB3
 
 
-#: SB3 PPO settings that finish and learn on the micro world (SB3's defaults, n_steps=2048 with a
-#: 10-epoch update, take many minutes before the first update on a CPU); the README quotes them
-SB3_PPO_SETTINGS = {"n_steps": 16, "batch_size": 128, "n_epochs": 2, "learning_rate": 1e-5, "gamma": 1.0,
-                    "gae_lambda": 0.95, "ent_coef": 0.0}
+#: the SB3 keyword arguments of the zoo's sb3-ppo settings (zoo/hyperparams/sb3-ppo.yml)
+SB3_KEYS = ("n_steps", "batch_size", "n_epochs", "learning_rate", "gamma", "gae_lambda", "ent_coef")
+
+
+def sb3_ppo_settings(env_id: str) -> dict:
+    """``stable_baselines3.PPO`` keywords that finish and learn on the micro world, from the zoo's
+    ``sb3-ppo`` hyperparameters for ``env_id`` (SB3's defaults, n_steps=2048 with a 10-epoch update,
+    take many minutes before the first update on a CPU)."""
+    from rlhfgym.zoo.train import load_hyperparams
+
+    hp = load_hyperparams("sb3-ppo", env_id)
+    return {key: hp[key] for key in SB3_KEYS}
 
 
 def _sb3_rollout_steps_per_s(model, venv, steps: int, cached: bool) -> float:
@@ -237,7 +324,7 @@ def bench_sb3(env_id: str = "RLHF-Summarize-Gold-v0", num_envs: int = 16, steps:
               minutes: float = 0.0) -> dict:
     """Print (and return) SB3 PPO's rollout throughput with :class:`LMActorCriticPolicy`'s KV cache and
     without (the full forward over the window every step), interleaved, median of ``repeats``; with
-    ``minutes`` > 0, also SB3 PPO (:data:`SB3_PPO_SETTINGS`) trained for that long and its test gold
+    ``minutes`` > 0, also SB3 PPO (:func:`sb3_ppo_settings`) trained for that long and its test gold
     before and after, next to rlhf-gym's PPO trained for the same wall time."""
     import statistics
 
@@ -248,7 +335,7 @@ def bench_sb3(env_id: str = "RLHF-Summarize-Gold-v0", num_envs: int = 16, steps:
     from rlhfgym.envs.sb3 import make_sb3_vec_env
 
     venv = make_sb3_vec_env(env_id, num_envs=num_envs, seed=0)
-    model = sb3.PPO(LMActorCriticPolicy, venv, seed=0, **SB3_PPO_SETTINGS)
+    model = sb3.PPO(LMActorCriticPolicy, venv, seed=0, **sb3_ppo_settings(env_id))
     rates: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(repeats):
         for cached in (False, True):

@@ -326,11 +326,43 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     sb3.add_argument("--minutes", type=non_negative_float, default=0.0,
                      help="also train SB3 PPO and rlhf-gym's PPO this long each and report test gold (default: 0, off)")
     sb3.set_defaults(bench=_bench_sb3)
+    rollout = targets.add_parser(
+        "rollout", help="a batch of completions collected through the token MDP (as the agents do) against "
+        "sampling + one teacher-forced reference pass + the reward model", parents=[common_options()])
+    rollout.add_argument("--batch", type=positive_int, default=32, help="completions a batch (default: 32)")
+    rollout.add_argument("--repeats", type=positive_int, default=7, help="interleaved repeats, median shown (default: 7)")
+    rollout.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    rollout.set_defaults(bench=_bench_rollout)
+    trl = targets.add_parser(
+        "trl", help="rlhf-gym against TRL on identical work (rloo, dpo, reward, ppo, env), fresh interleaved subprocesses",
+        parents=[common_options()])
+    trl.add_argument("--pair", default="all",
+                     help="rloo, dpo, reward, ppo, env (comma-separated) or all (default: all)")
+    trl.add_argument("--repeats", type=positive_int, default=3, help="runs a side, interleaved ours/TRL (default: 3)")
+    trl.add_argument("--out", default="docs/results/bench-trl",
+                     help="where bench-trl.md and bench-trl.json go (default: docs/results/bench-trl)")
+    trl.add_argument("--trl-python", default=None,
+                     help="the Python that runs the TRL sides (a venv with rlhf-gym[bench]; default: this one)")
+    trl.add_argument("--trl-ppo-python", default=None,
+                     help="the Python that runs TRL's PPO (trl==1.12.0, the last with PPOTrainer; default: --trl-python)")
+    trl.add_argument("--updates", type=positive_int, default=None,
+                     help="optimizer updates a run (ppo: rollouts; default: each pair's own small budget)")
+    trl.add_argument("--seed", type=non_negative_int, default=0, help="training seed of both sides (default: 0)")
+    trl.add_argument("--threads", type=positive_int, default=1, help="torch threads of both sides (default: 1)")
+    trl.add_argument("--timeout", type=positive_float, default=900.0, help="seconds a run may take (default: 900)")
+    trl.add_argument("--env-rounds", type=positive_int, default=5,
+                     help="interleaved rounds of the env pair (rlhf-zoo bench env), median shown (default: 5)")
+    trl.set_defaults(bench=_bench_trl)
 
 
 def _bench_env(args: argparse.Namespace) -> Any:
     bench_env = load_impl("rlhfgym.zoo.bench", "bench_env")
     return bench_env(batch=args.batch, max_new_tokens=args.max_new_tokens, device=args.device, repeats=args.repeats)
+
+
+def _bench_rollout(args: argparse.Namespace) -> Any:
+    bench_rollouts = load_impl("rlhfgym.zoo.bench_rollout", "bench_rollouts")
+    return bench_rollouts(batch=args.batch, repeats=args.repeats, device=args.device)
 
 
 def _bench_threads(args: argparse.Namespace) -> Any:
@@ -341,6 +373,14 @@ def _bench_threads(args: argparse.Namespace) -> Any:
 def _bench_sb3(args: argparse.Namespace) -> Any:
     bench_sb3 = load_impl("rlhfgym.zoo.bench", "bench_sb3")
     return bench_sb3(num_envs=args.num_envs, steps=args.steps, repeats=args.repeats, minutes=args.minutes)
+
+
+def _bench_trl(args: argparse.Namespace) -> Any:
+    bench_trl = load_impl("rlhfgym.zoo.bench_trl", "bench_trl")
+    command = "rlhf-zoo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
+    return bench_trl(pair=args.pair, repeats=args.repeats, out=args.out, trl_python=args.trl_python,
+                     trl_ppo_python=args.trl_ppo_python, updates=args.updates, seed=args.seed, threads=args.threads,
+                     timeout=args.timeout, command=command, env_rounds=args.env_rounds)
 
 
 def _bench(args: argparse.Namespace) -> Any:
