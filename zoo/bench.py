@@ -70,6 +70,20 @@ def env_rollout_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_co
     return generated / (time.perf_counter() - t0)
 
 
+def _batches_tokens_per_s(one_batch, prompts: list[str], batch: int, repeats: int, device: str) -> float:
+    """Generated tokens per second of ``one_batch(prompts) -> tokens`` over ``repeats`` batches of
+    ``batch`` prompts, after one warm-up batch."""
+    one_batch(prompts[:batch])  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    for r in range(1, repeats + 1):
+        n += one_batch(prompts[r * batch:(r + 1) * batch])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
 @torch.no_grad()
 def generate_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: float, device: str,
                           repeats: int, temperature: float = 1.0) -> float:
@@ -99,16 +113,9 @@ def generate_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef:
         core.score(ps, texts)  # the reward model over the finished batch
         return int(comp_mask.sum())
 
-    one_batch(prompts[:batch])  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    for r in range(1, repeats + 1):
-        n += one_batch(prompts[r * batch:(r + 1) * batch])
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    rate = _batches_tokens_per_s(one_batch, prompts, batch, repeats, device)
     env.close()
-    return n / (time.perf_counter() - t0)
+    return rate
 
 
 @torch.no_grad()
@@ -162,16 +169,9 @@ def bare_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: flo
         core.score(ps, texts)
         return n
 
-    one_batch(prompts[:batch])  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    for r in range(1, repeats + 1):
-        n += one_batch(prompts[r * batch:(r + 1) * batch])
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    rate = _batches_tokens_per_s(one_batch, prompts, batch, repeats, device)
     env.close()
-    return n / (time.perf_counter() - t0)
+    return rate
 
 
 def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens: int = 32, device: str = "cpu",
