@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlhfgym.agents.common import EnvRollout
 from rlhfgym.agents.dpo import dpo_losses, kto_losses, kto_z0
 from rlhfgym.agents.nash_md import geometric_mixture_logprobs, nash_md_loss
 from rlhfgym.agents.ppo import (
@@ -24,7 +25,6 @@ from rlhfgym.agents.ppo import (
     kl_penalty_beta_update,
     kl_penalty_loss,
 )
-from rlhfgym.agents.common import EnvRollout
 from rlhfgym.agents.reinforce import leave_one_out_advantages, policy_gradient_loss
 from rlhfgym.agents.rest import bc_loss, normalise_rewards, rest_filter
 
