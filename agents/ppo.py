@@ -343,10 +343,10 @@ class PPO(TrainingAgent):
 
             while not run.done:
                 n = min(c["batch_size"], run.remaining)
-                prompts = stream_prompt_indices(core, n, seed=self.seed, position=self.spent, split=c["split"])
+                prompt_index = stream_prompt_indices(core, n, seed=self.seed, position=self.spent, split=c["split"])
 
                 # ---- 1. rollout: one episode per prompt in the token MDP, pi_theta acting (KV cache)
-                roll = sampler.rollout(policy, prompts, temperature=c["temperature"])
+                roll = sampler.rollout(policy, prompt_index, temperature=c["temperature"])
                 mask = roll.mask.float()
                 policy.eval()  # and it stays so: dropout would make pi_theta_old != pi_theta at step 0
                 with torch.no_grad():

@@ -141,13 +141,13 @@ class Reinforce(TrainingAgent):
 
             while not run.stopped and run.remaining >= k:
                 n_prompts = min(c["batch_size"] // k, run.remaining // k)
-                prompts = stream_prompt_indices(core, n_prompts, seed=self.seed, position=self.spent, split=c["split"])
-                prompts = prompts.repeat(k)  # k samples of each prompt, side by side
-                n = len(prompts)
+                prompt_index = stream_prompt_indices(core, n_prompts, seed=self.seed, position=self.spent, split=c["split"])
+                prompt_index = prompt_index.repeat(k)  # k samples of each prompt, side by side
+                n = len(prompt_index)
 
                 # ---- rollout: one episode per completion y ~ pi_theta(.|x) in the token MDP, which pays
                 # beta * log pi_ref(a_t|s_t) per token and RM(x, y) at the end
-                roll = sampler.rollout(policy, prompts, temperature=c["temperature"])
+                roll = sampler.rollout(policy, prompt_index, temperature=c["temperature"])
                 penalty = 0.0 if c["missing_eos_penalty"] is None else c["missing_eos_penalty"] * (~roll.ended).float()
 
                 # ---- log pi_theta(y|x) with gradients (eval mode: the log-probs of the policy that sampled y, no dropout)
