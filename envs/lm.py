@@ -121,9 +121,12 @@ def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     """``(first, copies)`` for a batch of left-padded prompts ``(k, p)``: ``first`` indexes one row of
     each distinct prompt (in order of first appearance), ``copies[i]`` the entry of ``first`` that
     row ``i`` repeats, so ``ids[first][copies]`` equals ``ids`` (masked columns ignored)."""
+    k = ids.shape[0]
+    if k == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=ids.device)
+        return empty, empty
     keyed = torch.where(mask.bool(), ids, -1)
     _, inverse = torch.unique(keyed, dim=0, return_inverse=True)
-    k = ids.shape[0]
     order = torch.full((int(inverse.max()) + 1,), k, dtype=torch.long, device=ids.device)
     order = order.scatter_reduce(0, inverse, torch.arange(k, device=ids.device), reduce="amin")  # first row of each
     rank = torch.empty_like(order)

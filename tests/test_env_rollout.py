@@ -99,6 +99,16 @@ def test_env_sampler_refuses_other_envs():
         EnvSampler(gym.make("CartPole-v1"), kl_coef=0.0)
 
 
+def test_distinct_rows_in_order_of_first_appearance():
+    from rlhfgym.envs.lm import distinct_rows
+
+    ids = torch.tensor([[0, 5, 6], [1, 2, 3], [0, 5, 6], [9, 5, 6], [1, 2, 3]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])  # row 3 differs only where row 0 is masked
+    first, copies = distinct_rows(ids, mask)
+    assert first.tolist() == [0, 1, 3] and copies.tolist() == [0, 1, 0, 2, 1]
+    assert [t.tolist() for t in distinct_rows(ids[:0], mask[:0])] == [[], []]
+
+
 def test_duplicate_prompts_are_prefilled_once(env):
     """IncrementalLM prefills a repeated prompt once and copies it: same logits and cache as row by row."""
     model = env.unwrapped.reference_model
