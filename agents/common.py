@@ -205,13 +205,15 @@ def env_core(env, agent: str):
     return core
 
 
-def reference_for(policy, env):
-    """The env's frozen reference model ``pi_ref`` on the policy's device (copied only if the devices differ)."""
+def reference_for(policy, env, device: str | torch.device | None = None):
+    """The env's frozen reference model ``pi_ref`` on the policy's device (or ``device``; copied only if
+    the devices differ)."""
     import copy
 
-    ref = env.unwrapped.reference_model
-    if next(ref.parameters()).device != policy.device:
-        ref = copy.deepcopy(ref).to(policy.device).eval().requires_grad_(False)
+    device = torch.device(device) if device is not None else policy.device
+    ref = getattr(env, "unwrapped", env).reference_model
+    if next(ref.parameters()).device != device:
+        ref = copy.deepcopy(ref).to(device).eval().requires_grad_(False)
     # the env's own module is used as is (callers run it under no_grad): freezing it in place would
     # also freeze every later CausalLMPolicy.from_env copy of it
     return ref
@@ -379,12 +381,8 @@ class EnvSampler:
         if num_envs not in self._envs:
             from rlhfgym.envs.vector_env import TokenMDPVectorEnv
 
-            core, device = self.core, torch.device(self.config.device)
-            reference = core.reference_model
-            if next(reference.parameters()).device != device:
-                import copy
-
-                reference = copy.deepcopy(reference).to(device).eval().requires_grad_(False)
+            core = self.core
+            reference = reference_for(None, core, device=self.config.device)
             self._envs[num_envs] = TokenMDPVectorEnv(core.task, core.tokenizer, reference, core.reward_model,
                                                      dataclasses_replace(self.config, num_envs=num_envs))
         return self._envs[num_envs]
