@@ -188,6 +188,22 @@ def test_summarise_medians_ratio_and_steady_step():
     assert sm["ours"]["eval"]["gold"] == pytest.approx(0.6)
 
 
+def test_reward_centring_is_timed_apart_and_reported_with_its_own_ratio(tmp_path):
+    """Our reward model's centring pass (TRL's RewardTrainer has none) is not in the table's ratio,
+    and the report gives the time and ratio with it."""
+    runs = [_record(side="ours", train_s=4.0, centring_s=2.0), _record(side="trl", train_s=12.0),
+            _record(side="ours", train_s=6.0, centring_s=2.0), _record(side="trl", train_s=12.0)]
+    sm = bt.summarise(runs)
+    assert sm["ratio"] == pytest.approx(12.0 / 5.0)
+    assert sm["ours"]["median_s_per_update_with_centring"] == pytest.approx((5.0 + 2.0) / 4)
+    assert sm["ratio_with_centring"] == pytest.approx(12.0 / 7.0)
+    assert "ratio_with_centring" not in bt.summarise([_record(side="ours"), _record(side="trl")])
+    report = _report()
+    report["pairs"] = {"reward": {"settings_line": "x", "runs": runs, "summary": sm}}
+    md = bt.markdown(report)
+    assert "centres the reward" in md and "1.750 s/update, ratio 1.71" in md
+
+
 def test_steady_step_of_ppo_divides_by_the_steps_of_a_rollout():
     sm = bt.summarise([_record(updates=32, step_ends=[10.0, 18.0, 26.0], steps_per_tick=16.0)])
     assert sm["ours"]["steady_s_per_update"] == pytest.approx(0.5)

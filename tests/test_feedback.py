@@ -321,9 +321,9 @@ def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokeni
     rows_forwarded = []
     real_forward = training.scalar_forward
 
-    def counting_forward(model, seqs, pad, device):
+    def counting_forward(model, seqs, pad, device, **kw):
         rows_forwarded.append(len(seqs))
-        return real_forward(model, seqs, pad, device)
+        return real_forward(model, seqs, pad, device, **kw)
 
     monkeypatch.setattr(training, "scalar_forward", counting_forward)
     rm = train_reward_model(fb_lm_dir, fb_tokenizer, train, epochs=3, lr=3e-3, batch_size=36, progress=False,
@@ -332,6 +332,91 @@ def test_all_pairs_of_a_prompt_are_scored_once_per_sequence(fb_lm_dir, fb_tokeni
     assert rows_forwarded[0] == 24  # the first step: 36 pairs = 6 whole prompts = 24 distinct sequences
     assert sum(rows_forwarded[:12]) == 3 * 24 * 4  # three epochs, each sequence once per epoch
     assert evaluate_reward_model(rm, marker_preferences(128, seed=3))["accuracy"] >= 0.9
+
+
+def test_prefix_groups_share_the_longest_common_start():
+    from rlhfgym.envs.feedback.reward_model import prefix_groups
+
+    prompt = list(range(10, 30))
+    seqs = [prompt + [5, 6, 1], [3] * 12 + [1], prompt + [5, 7, 1], prompt + [8, 1], prompt[:9] + [4, 1]]
+    group, first, prefix_len = prefix_groups(seqs, min_shared=8)
+    assert group[0] == group[2] == group[3] == group[4] != group[1]
+    assert prefix_len[group[0]] == 9  # the start all four share: prompt[:9]
+    assert prefix_len[group[1]] == 12  # alone: all its tokens but the last
+    group, _, prefix_len = prefix_groups(seqs[:3], min_shared=8)
+    assert prefix_len[group[0]] == 21  # prompt + [5], then each row's own tokens
+    group, _, prefix_len = prefix_groups([prompt + [1], prompt + [1, 2]], min_shared=8)
+    assert prefix_len == [20]  # the shorter row keeps its last token
+    assert prefix_groups([prompt + [1], prompt[:5] + [1]], min_shared=8)[1] == [1, 0]  # 5 shared < 8
+
+
+def _scalar_llama(tokenizer, seed=0):
+    from feedback_fixtures import make_lm
+
+    from rlhfgym.envs.feedback.reward_model import load_scalar_model
+
+    return load_scalar_model(make_lm(tokenizer, seed=seed, layers=2), tokenizer).train()
+
+
+def test_shared_prefix_scores_and_gradients_equal_the_plain_pass(fb_tokenizer):
+    """Rows sharing a prompt (chosen/rejected pairs, prompts of different lengths, a row alone) give the
+    plain pass's scores and gradients while the model reads fewer tokens."""
+    import copy
+
+    from rlhfgym.envs.feedback.reward_model import RewardModel, scalar_forward
+
+    plain_model = _scalar_llama(fb_tokenizer)
+    shared_model = copy.deepcopy(plain_model)
+    base = marker_preferences(24, seed=5)
+    enc = RewardModel(plain_model, fb_tokenizer).encode
+    seqs = enc(list(base["prompt"]) * 2 + ["summarize : alone tl;dr :"], list(base["chosen"]) + list(base["rejected"]) + ["x"])
+    read = []
+    hook = shared_model.base_model.embed_tokens.register_forward_hook(lambda m, i, o: read.append(i[0].numel()))
+    weights = torch.randn(len(seqs))
+    plain = scalar_forward(plain_model, seqs, fb_tokenizer.pad_token_id, torch.device("cpu"))
+    shared = scalar_forward(shared_model, seqs, fb_tokenizer.pad_token_id, torch.device("cpu"), share_prefixes=True)
+    hook.remove()
+    assert torch.allclose(shared, plain, atol=1e-5), (shared - plain).abs().max()
+    (plain * weights).sum().backward()
+    (shared * weights).sum().backward()
+    for (name, a), b in zip(plain_model.named_parameters(), shared_model.parameters()):
+        assert torch.allclose(b.grad, a.grad, atol=1e-5, rtol=1e-4), name
+    padded = len(seqs) * max(map(len, seqs))
+    assert len(read) > 2 and sum(read) < 0.8 * padded  # prefixes once, rows of similar length together
+
+
+def test_encoders_that_read_both_ways_do_not_share_prefixes():
+    """BERT-like scorers see the whole sequence from every token: a shared prefix would be wrong, so
+    they take the plain pass."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rlhfgym.envs.feedback.reward_model import reads_left_to_right, scalar_forward
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=32, num_labels=1)).eval()
+    assert not reads_left_to_right(bert)
+    seqs = [[2] * 10 + [5, 3], [2] * 10 + [6, 3]]
+    shared = scalar_forward(bert, seqs, 0, torch.device("cpu"), share_prefixes=True)
+    assert torch.equal(shared, scalar_forward(bert, seqs, 0, torch.device("cpu")))
+
+
+def test_centring_scores_in_sorted_shared_batches_and_keeps_the_order(fb_tokenizer):
+    from rlhfgym.envs.feedback.reward_model import RewardModel
+
+    rm = RewardModel(_scalar_llama(fb_tokenizer, seed=1), fb_tokenizer, batch_size=8)
+    base = marker_preferences(20, seed=6)
+    prompts, completions = list(base["prompt"]) * 2, list(base["chosen"]) + list(base["rejected"])
+    plain = rm.raw_scores(prompts, completions)
+    assert torch.allclose(rm.raw_scores(prompts, completions, share_prefixes=True), plain, atol=1e-5)
+    stats = rm.normalise(prompts, completions)
+    assert stats["raw_mean"] == pytest.approx(float(plain.double().mean()), abs=1e-6)
+
+
+def test_reward_model_without_centring_keeps_the_raw_head(fb_lm_dir, fb_tokenizer):
+    rm = train_reward_model(fb_lm_dir, fb_tokenizer, marker_preferences(32, seed=7), epochs=1, lr=1e-3, batch_size=16,
+                            progress=False, normalise=False)
+    assert rm.offset == 0.0 and rm.scale == 1.0 and rm.norm_stats == {}
 
 
 def test_old_homes_of_the_trainers_warn_and_give_the_build_functions():

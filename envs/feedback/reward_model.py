@@ -209,10 +209,124 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), mask.to(device)
 
 
-def scalar_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
-    """(B,) float32 head outputs for pre-tokenised sequences."""
-    ids, mask = pad_right(seqs, pad_id, device)
-    return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, T) ids and attention mask (the rows end together, so a second pass can continue them)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+#: rows that start with at least this many equal tokens read those tokens once (:func:`prefix_groups`)
+MIN_SHARED_PREFIX = 8
+
+
+def prefix_groups(seqs: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX) -> tuple[list[int], list[int], list[int]]:
+    """Rows that begin alike, grouped: ``(group, first, prefix_len)``.
+
+    ``group[i]`` is row ``i``'s group, ``first[g]`` a row of group ``g`` and ``prefix_len[g]`` the
+    tokens all its rows start with (their longest common prefix, at most the shortest row's length
+    minus one, so every row keeps a token of its own for the head to read). Rows sorted by their
+    ids are grouped while neighbours share ``min_shared`` tokens or more; a row that shares less
+    with every other row is a group of its own (prefix: all its tokens but the last).
+    """
+    def common(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
+    group, first, prefix_len = [0] * len(seqs), [], []
+    prev = None
+    for i in order:
+        shared = common(seqs[prev], seqs[i]) if prev is not None else 0
+        if prev is None or shared < min_shared:
+            first.append(i)
+            prefix_len.append(len(seqs[i]) - 1)
+        else:
+            prefix_len[-1] = min(prefix_len[-1], shared, len(seqs[i]) - 1)
+        group[i] = len(first) - 1
+        prev = i
+    return group, first, prefix_len
+
+
+def length_chunks(lengths: Sequence[int], min_rows: int = 8, max_chunks: int = 3) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length and cut into up to ``max_chunks`` runs of at least
+    ``min_rows``: rows of similar length padded together (less padding, still large matrices)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    k = max(1, min(max_chunks, len(order) // min_rows))
+    return [order[c * len(order) // k:(c + 1) * len(order) // k] for c in range(k)]
+
+
+def reads_left_to_right(model) -> bool:
+    """Whether a token's state depends only on the tokens before it (a decoder-only model), so a
+    shared prefix can be read once; encoders that read both ways (BERT, RoBERTa, DeBERTa) cannot."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def scalar_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+                   share_prefixes: bool = False) -> torch.Tensor:
+    """(B,) float32 head outputs for pre-tokenised sequences.
+
+    ``share_prefixes``: rows that start alike (a prompt with its chosen and its rejected completion)
+    read their common prefix once: passes over the distinct prefixes fill a KV cache, then every
+    row's rest runs on its prefix's keys and values (a gather, so gradients from all rows add up).
+    Both passes batch rows of similar length together (:func:`length_chunks`). Same numbers as the
+    plain pass up to float rounding, for about half its compute on preference pairs. Only for
+    decoder-only models (:func:`reads_left_to_right`; others take the plain pass), and off for the
+    env's scores, which stay bit for bit those of the plain pass.
+    """
+    share_prefixes = share_prefixes and reads_left_to_right(model)
+    group, first, prefix_len = prefix_groups(seqs) if share_prefixes else ([], [], [])
+    if not share_prefixes or len(first) == len(seqs) or min(prefix_len) < 1:
+        ids, mask = pad_right(seqs, pad_id, device)
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
+    from transformers import DynamicCache
+
+    from ..hf import cached_forward, position_ids
+
+    # 1. the distinct prefixes, left-padded to a common width so every row's rest continues them
+    width = max(prefix_len)
+    keys, values, masks, done = [], [], [], []
+    for chunk in length_chunks(prefix_len):
+        ids, mask = pad_left([seqs[first[g]][:prefix_len[g]] for g in chunk], pad_id, device)
+        _, cache = cached_forward(model.base_model, DynamicCache(), input_ids=ids, attention_mask=mask,
+                                  position_ids=position_ids(mask))
+        extra = width - ids.shape[1]
+        keys.append([F.pad(layer.keys, (0, 0, extra, 0)) for layer in cache.layers])
+        values.append([F.pad(layer.values, (0, 0, extra, 0)) for layer in cache.layers])
+        masks.append(F.pad(mask, (extra, 0)))
+        done += chunk
+    keys = [torch.cat(k) for k in zip(*keys)]
+    values = [torch.cat(v) for v in zip(*values)]
+    prefix_mask = torch.cat(masks)
+    at = torch.empty(len(done), dtype=torch.long)
+    at[torch.tensor(done)] = torch.arange(len(done))  # where group g's prefix sits in the passes' output
+    # 2. every row's rest on its prefix's keys and values
+    starts = [prefix_len[g] for g in group]
+    scores, rows = [], []
+    for chunk in length_chunks([len(seqs[i]) - starts[i] for i in range(len(seqs))]):
+        take = at[torch.tensor([group[i] for i in chunk])].to(prefix_mask.device)
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k[take], v[take], layer)
+        ids, mask = pad_right([seqs[i][starts[i]:] for i in chunk], pad_id, device)
+        first_position = torch.tensor([starts[i] for i in chunk], device=ids.device)
+        out, _ = cached_forward(model, cache, input_ids=ids, attention_mask=torch.cat([prefix_mask[take], mask], 1),
+                                position_ids=first_position[:, None] + torch.arange(ids.shape[1], device=ids.device))
+        scores.append(out.logits.squeeze(-1).float())
+        rows += chunk
+    return torch.cat(scores)[torch.tensor(rows).argsort().to(scores[0].device)]
 
 
 def seed_everything(seed: int) -> None:
@@ -271,17 +385,30 @@ class RewardModel:
         texts = [self.format_input(p, c) for p, c in zip(prompts, completions)]
         return encode(self.tokenizer, texts, self.max_length, self.append_eos)
 
-    def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
-        """Head outputs before normalisation, (B,) float32 on ``device``."""
+    def raw_scores(self, prompts: Sequence[str], completions: Sequence[str], share_prefixes: bool = False) -> torch.Tensor:
+        """Head outputs before normalisation, (B,) float32 on ``device``.
+
+        ``share_prefixes``: batch sequences that start alike together, groups of similar length side
+        by side (less padding), and read a prompt shared by several of them once
+        (:func:`scalar_forward`); equal to the default up to float rounding.
+        """
         seqs = self.encode(prompts, completions)
+        order = list(range(len(seqs)))
+        if share_prefixes and seqs:
+            group, _, prefix_len = prefix_groups(seqs)
+            order.sort(key=lambda i: (prefix_len[group[i]], group[i], len(seqs[i])))
         was_training = self.model.training
         self.model.eval()
         out = []
         with torch.inference_mode():
             for s in range(0, len(seqs), self.batch_size):
-                out.append(scalar_forward(self.model, seqs[s : s + self.batch_size], self.tokenizer.pad_token_id, self.device))
+                batch = [seqs[i] for i in order[s : s + self.batch_size]]
+                out.append(scalar_forward(self.model, batch, self.tokenizer.pad_token_id, self.device, share_prefixes))
         self.model.train(was_training)
-        return torch.cat(out) if out else torch.zeros(0, device=self.device)
+        if not out:
+            return torch.zeros(0, device=self.device)
+        scores = torch.cat(out)
+        return scores[torch.as_tensor(order, device=scores.device).argsort()] if share_prefixes else scores
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """Normalised rewards (B,) float32 on ``device``: ``(raw - offset) * scale``."""
@@ -292,7 +419,7 @@ class RewardModel:
     def normalise(self, prompts: Sequence[str], completions: Sequence[str], unit_std: bool = False) -> dict[str, float]:
         """Shift (and optionally scale) rewards so these (prompt, SFT completion) pairs score mean 0
         (std 1 with ``unit_std``, as Christiano et al. normalise). Returns the stats it stored."""
-        raw = self.raw_scores(prompts, completions).double().cpu()
+        raw = self.raw_scores(prompts, completions, share_prefixes=True).double().cpu()
         mean, std = float(raw.mean()), float(raw.std()) if len(raw) > 1 else 1.0
         self.offset = mean
         self.scale = 1.0 / std if unit_std and std > 0 else 1.0

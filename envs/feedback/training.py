@@ -156,6 +156,7 @@ def train_reward_model(
     max_length: int = 512,
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
+    normalise: bool = True,
     normalise_on: tuple[Sequence[str], Sequence[str]] | None = None,
     unit_std: bool = False,
     checkpoint_dir=None,
@@ -166,7 +167,8 @@ def train_reward_model(
     scalar head; a 1-label sequence classifier is trained in place). ``train_prefs`` /
     ``eval_prefs``: preference datasets (:mod:`rlhfgym.envs.feedback.preferences`). After training,
     rewards are shifted so that ``normalise_on = (prompts, sft_completions)`` score mean 0 (Gao et
-    al.); without it the completions of ``train_prefs`` are used. ``rm.history`` holds one dict of
+    al.); without it the completions of ``train_prefs`` are used; ``normalise=False`` keeps the raw
+    head (offset 0, scale 1). ``rm.history`` holds one dict of
     metrics per epoch. ``checkpoint_dir``: snapshot the loop there every few minutes and resume from
     it when the same training runs again (:class:`~.checkpoint.LoopCheckpoint`); deleted when
     training ends.
@@ -180,7 +182,8 @@ def train_reward_model(
         raise ValueError("train_prefs is empty; label some comparisons first.")
     # tokenise once: every epoch reuses the same ids. Each distinct (prompt, completion) is one
     # sequence, and comparisons are batched prompt by prompt, so k samples of a prompt compared in
-    # all k(k-1)/2 pairs cost k forward passes per step, not k(k-1).
+    # all k(k-1)/2 pairs cost k forward passes per step, not k(k-1); the prompt they share is read
+    # once per step (scalar_forward's share_prefixes).
     pairs, chosen, rejected, groups = distinct_pairs(train_prefs)
     seqs = rm.encode([x for x, _ in pairs], [y for _, y in pairs])
     label_prob = torch.tensor(train_prefs["label_prob"], dtype=torch.float32, device=device)
@@ -190,7 +193,7 @@ def train_reward_model(
         # one forward over the batch's distinct sequences, so chosen and rejected see the same weights
         distinct = list(dict.fromkeys([chosen[i] for i in idx] + [rejected[i] for i in idx]))
         row = {q: j for j, q in enumerate(distinct)}
-        r = scalar_forward(model, [seqs[q] for q in distinct], pad, device)
+        r = scalar_forward(model, [seqs[q] for q in distinct], pad, device, share_prefixes=True)
         r_w = r[torch.tensor([row[chosen[i]] for i in idx], device=r.device)]
         r_l = r[torch.tensor([row[rejected[i]] for i in idx], device=r.device)]
         p = label_prob[idx]
@@ -213,6 +216,8 @@ def train_reward_model(
         groups=groups, weight_decay=weight_decay, max_grad_norm=max_grad_norm, checkpoint_dir=checkpoint_dir,
         desc="reward model", progress=progress,
     )
+    if not normalise:
+        return rm
     if normalise_on is None:
         normalise_on = (list(train_prefs["prompt"]) * 2, list(train_prefs["chosen"]) + list(train_prefs["rejected"]))
     rm.normalise(*normalise_on, unit_std=unit_std)
