@@ -343,7 +343,9 @@ class EnvSampler:
     ``autoreset_mode="Disabled"`` (a row that ended stays idle), the agent's ``kl_coef`` (so the
     env's per-step reward is the agent's, and ``kl_coef=0`` runs no reference), the agent's
     ``split``, on the policy's ``device`` (with a copy of the reference there if it lives elsewhere);
-    ``compute_ref=True`` reports ``log pi_ref`` even when ``kl_coef`` is 0. ``overlap`` (default: on
+    ``compute_ref=True`` reports ``log pi_ref`` even when ``kl_coef`` is 0. ``score=False`` leaves
+    the reward model out (:class:`~rlhfgym.envs.rewards.ZeroReward`: the reward is the KL term
+    alone and ``scores`` are NaN), for agents that learn from preferences only. ``overlap`` (default: on
     CPUs) lets the policy read each token in a second thread while the env steps (the two forwards
     are independent; the results are the same either way; on a GPU, kernels already run
     asynchronously to the host).
@@ -354,7 +356,7 @@ class EnvSampler:
     """
 
     def __init__(self, env, *, kl_coef: float, split: str = "train", device: str | torch.device = "cpu",
-                 compute_ref: bool | None = None, overlap: bool | None = None):
+                 compute_ref: bool | None = None, overlap: bool | None = None, score: bool = True):
         from rlhfgym.envs.config import EnvConfig
 
         self.core = getattr(env, "unwrapped", env)
@@ -365,6 +367,7 @@ class EnvSampler:
         self.config = dataclasses_replace(config, kl_coef=float(kl_coef), split=split, device=str(device), seed=None,
                                           compute_ref=compute_ref, autoreset_mode="Disabled")
         self.kl_coef = float(kl_coef)
+        self.score = bool(score)
         self._envs: dict[int, Any] = {}
         self.overlap = (torch.device(self.config.device).type == "cpu") if overlap is None else bool(overlap)
         self._pool = None
@@ -379,11 +382,13 @@ class EnvSampler:
     def vector_env(self, num_envs: int):
         """The vector env of ``num_envs`` rows (made once per size, then reused)."""
         if num_envs not in self._envs:
+            from rlhfgym.envs.rewards import ZeroReward
             from rlhfgym.envs.vector_env import TokenMDPVectorEnv
 
             core = self.core
             reference = reference_for(None, core, device=self.config.device)
-            self._envs[num_envs] = TokenMDPVectorEnv(core.task, core.tokenizer, reference, core.reward_model,
+            reward = core.reward_model if self.score else ZeroReward()
+            self._envs[num_envs] = TokenMDPVectorEnv(core.task, core.tokenizer, reference, reward,
                                                      dataclasses_replace(self.config, num_envs=num_envs))
         return self._envs[num_envs]
 
@@ -456,6 +461,8 @@ class EnvSampler:
                 sampler.advance(tok, active)
             if bool(done.all()):
                 break
+        if not self.score:
+            scores = torch.full_like(scores, float("nan"))  # no reward model read these episodes
         return EnvRollout(prompts, prompt_ids, tokens, mask, logps, texts, ended, rewards, ref_logps, scores, gold,
                           self.kl_coef)
 
@@ -513,18 +520,22 @@ def batched_pair_logps(policy, prompt_ids, chosen, chosen_mask, rejected, reject
                        batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log pi(y_w|x), log pi(y_l|x))``, (N,) each, without gradients: both completions of ``batch_size``
     pairs in one batch, so each prompt runs through the network once (``forward_logprobs`` shares
-    repeated prompts)."""
+    repeated prompts). Pairs are batched in order of prompt length (prompts of a batch are padded to
+    its longest; a quarter less compute on the micro world's pairs) and returned in the given order."""
+    if not len(prompt_ids):
+        return torch.zeros(0, device=policy.device), torch.zeros(0, device=policy.device)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     w, l = [], []
-    for s in range(0, len(prompt_ids), batch_size):
-        e = s + batch_size
-        logp = sequence_logps(policy, prompt_ids[s:e] * 2, pad_cat(chosen[s:e], rejected[s:e], policy.pad_id),
-                              pad_cat(chosen_mask[s:e], rejected_mask[s:e], 0), model=model).float()
-        a, b = logp.split(len(prompt_ids[s:e]))
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        take = torch.tensor(rows, device=chosen.device)
+        logp = sequence_logps(policy, [prompt_ids[i] for i in rows] * 2, pad_cat(chosen[take], rejected[take], policy.pad_id),
+                              pad_cat(chosen_mask[take], rejected_mask[take], 0), model=model).float()
+        a, b = logp.split(len(rows))
         w.append(a)
         l.append(b)
-    if not w:
-        return torch.zeros(0, device=policy.device), torch.zeros(0, device=policy.device)
-    return torch.cat(w), torch.cat(l)
+    back = torch.tensor(order).argsort().to(w[0].device)
+    return torch.cat(w)[back], torch.cat(l)[back]
 
 
 # ============================================================================================

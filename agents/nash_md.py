@@ -301,9 +301,10 @@ class NashMD(TrainingAgent):
             self.make_optimizer("adamw", cfg["learning_rate"], weight_decay=0.0)
             mixture = self._mixture(ref)
             # both players act in the token MDP; the player's episodes also report log pi_ref (at
-            # temperature 1, the KL the objective charges), the opponent's need none
-            players = EnvSampler(env, kl_coef=cfg["kl_coef"], compute_ref=True, device=self.policy.device)
-            opponents = EnvSampler(env, kl_coef=0.0, device=self.policy.device)
+            # temperature 1, the KL the objective charges), the opponent's need none; the preference
+            # compares the two, so neither needs the env's reward-model score
+            players = EnvSampler(env, kl_coef=cfg["kl_coef"], compute_ref=True, device=self.policy.device, score=False)
+            opponents = EnvSampler(env, kl_coef=0.0, device=self.policy.device, score=False)
             while run.remaining >= 2 and not run.stopped:
                 n = min(cfg["batch_size"], run.remaining // 2)
                 idx = draw_prompt_indices(core, n, sub_seed(self.seed, 22, st["step"]))
@@ -323,8 +324,7 @@ class NashMD(TrainingAgent):
                 # kl term: per-token surrogate, gradient = grad sum_t KL(pi(.|s_t) || pi_ref(.|s_t)), states s_t fixed
                 loss = nash_md_loss(logp, ref_logp, p, cfg["kl_coef"])
                 metrics = {"loss": loss.item(), "win_rate": float(p.mean()), "kl": float(log_ratio.sum(-1).mean()),
-                           "length": float(mask.sum(-1).float().mean()), "score": float(y.scores.mean()),
-                           "gold": y.mean_gold()}
+                           "length": float(mask.sum(-1).float().mean()), "gold": y.mean_gold()}
                 metrics["grad_norm"] = self.step(loss)
                 st["step"] += 1
                 self._after_update(st)

@@ -52,6 +52,17 @@ class GoldReward:
         return f"GoldReward(task={self.task.name!r})"
 
 
+class ZeroReward:
+    """Scores every completion 0: an env whose only reward is its KL term. For agents that learn from
+    preferences alone (Nash-MD), whose episodes need no reward-model pass."""
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        return torch.zeros(len(completions), dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        return "ZeroReward()"
+
+
 def check_scores(reward_model: RewardFunction, scores, n: int) -> torch.Tensor:
     """What ``reward_model.score`` returned for ``n`` pairs, as a float tensor of shape ``(n,)``.
 

@@ -173,6 +173,26 @@ def test_nash_md_log_probs_use_the_sampling_temperature(env, monkeypatch):
     torch.testing.assert_close(loss_refs[0], ref[:, :t], atol=1e-4, rtol=0)
 
 
+def test_reference_log_probs_of_pairs_come_back_in_the_given_order(env, pairs):
+    """batched_pair_logps batches pairs by prompt length; each pair still gets its own log-probs,
+    the same as scoring its two completions alone."""
+    from rlhfgym.agents.common import batched_pair_logps, pad_cat, sequence_logps
+    from rlhfgym.agents.dpo import Pairs
+
+    policy = CausalLMPolicy.from_env(env)
+    data = Pairs.from_dataset(policy, pairs[0].select(range(12)))
+    lengths = [len(p) for p in data.prompt_ids]
+    assert len(set(lengths)) > 3 and lengths != sorted(lengths)  # several lengths, not in length order
+    w, l = batched_pair_logps(policy, data.prompt_ids, data.chosen, data.chosen_mask, data.rejected,
+                              data.rejected_mask, batch_size=5)
+    with torch.no_grad():
+        for i in range(12):
+            alone = sequence_logps(policy, [data.prompt_ids[i]] * 2,
+                                   pad_cat(data.chosen[i:i + 1], data.rejected[i:i + 1], policy.pad_id),
+                                   pad_cat(data.chosen_mask[i:i + 1], data.rejected_mask[i:i + 1], 0))
+            torch.testing.assert_close(torch.stack([w[i], l[i]]), alone, atol=1e-4, rtol=0)
+
+
 def test_geometric_mixture_sampling_matches_teacher_forcing(env):
     """The KV-cached per-token mixture equals log_softmax((1 - b) log pi + b log pi_ref) recomputed
     from full forward passes of both models."""

@@ -94,6 +94,26 @@ def test_env_rollout_follows_the_agents_kl_coef(env):
     assert sampler.vector_env(3).metadata["autoreset_mode"] == gym.vector.AutoresetMode.DISABLED
 
 
+def test_an_env_sampler_without_the_reward_model_pays_the_kl_term_only(env, monkeypatch):
+    """score=False (Nash-MD's players): the same episodes, no reward-model pass, rewards = the KL term,
+    scores NaN; gold is still reported."""
+    core = env.unwrapped
+    policy = CausalLMPolicy.from_env(env)
+    out = {}
+    for score in (True, False):
+        calls = []
+        real = core.reward_model.score
+        monkeypatch.setattr(core.reward_model, "score", lambda p, c: calls.append(len(c)) or real(p, c))
+        torch.manual_seed(5)
+        out[score] = EnvSampler(env, kl_coef=0.05, score=score).rollout(policy, [0, 1, 2, 3])
+        assert bool(calls) == score
+    scored, unscored = out[True], out[False]
+    assert torch.equal(scored.tokens, unscored.tokens) and scored.texts == unscored.texts
+    torch.testing.assert_close(unscored.rewards, 0.05 * unscored.ref_logprobs * unscored.mask)
+    assert torch.isnan(unscored.scores).all() and not torch.isnan(scored.scores).any()
+    np.testing.assert_allclose(unscored.gold, scored.gold)
+
+
 def test_env_sampler_refuses_other_envs():
     with pytest.raises(agents.AgentError, match="token MDP"):
         EnvSampler(gym.make("CartPole-v1"), kl_coef=0.0)
