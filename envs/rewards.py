@@ -19,7 +19,7 @@ import torch
 from .moved import moved_attributes
 from .tasks.base import Task
 
-__all__ = ["RewardFunction", "GoldReward", "check_scores"]
+__all__ = ["RewardFunction", "GoldReward", "ZeroReward", "check_scores"]
 
 
 @runtime_checkable
