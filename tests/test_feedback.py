@@ -619,6 +619,23 @@ def test_preference_model_is_antisymmetric_by_construction(fb_lm_dir, fb_tokeniz
     assert not torch.allclose(p_ab[:2], torch.full((2,), 0.5), atol=1e-4)  # yet it is not constant
 
 
+def test_preference_model_reads_the_shared_prompt_once_with_the_plain_result(fb_lm_dir, fb_tokenizer):
+    """Both orders of a pair start with "x [SEP]": the model reads it once, and P(a > b) is the plain pass's."""
+    from rlhfgym.envs.feedback.reward_model import scalar_forward
+
+    pm = PreferenceModel(load_scalar_model(fb_lm_dir, fb_tokenizer), fb_tokenizer, batch_size=16)
+    base = marker_preferences(12, seed=8)
+    fwd, rev = pm.encode_pairs(base["prompt"], base["chosen"], base["rejected"])
+    read = []
+    hook = pm.model.base_model.embed_tokens.register_forward_hook(lambda m, i, o: read.append(i[0].numel()))
+    shared = pm.prefer(base["prompt"], base["chosen"], base["rejected"])
+    hook.remove()
+    with torch.no_grad():
+        f = scalar_forward(pm.model.eval(), fwd + rev, fb_tokenizer.pad_token_id, pm.device)
+    torch.testing.assert_close(shared, torch.sigmoid(f[:12] - f[12:]), atol=1e-5, rtol=0)
+    assert sum(read) < 24 * max(map(len, fwd))
+
+
 def test_preference_model_learns_the_marker_rule(fb_lm_dir, fb_tokenizer, tmp_path):
     train, held_out = marker_preferences(256, seed=4), marker_preferences(128, seed=5)
     pm = train_preference_model(fb_lm_dir, fb_tokenizer, train, held_out, epochs=2, lr=3e-3, batch_size=32, progress=False)

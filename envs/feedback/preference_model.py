@@ -85,8 +85,9 @@ class PreferenceModel:
         return fwd, rev
 
     def logit(self, fwd: Sequence[Sequence[int]], rev: Sequence[Sequence[int]]) -> torch.Tensor:
-        """f(x, a, b) - f(x, b, a) for pre-encoded pairs (with gradients), (B,) float32."""
-        f = scalar_forward(self.model, list(fwd) + list(rev), self.tokenizer.pad_token_id, self.device)
+        """f(x, a, b) - f(x, b, a) for pre-encoded pairs (with gradients), (B,) float32. The two orders
+        of a pair share "x [SEP]", which is read once (``scalar_forward``'s ``share_prefixes``)."""
+        f = scalar_forward(self.model, list(fwd) + list(rev), self.tokenizer.pad_token_id, self.device, share_prefixes=True)
         return f[: len(fwd)] - f[len(fwd) :]
 
     # -- inference ---------------------------------------------------------------------------------

@@ -257,10 +257,12 @@ def prefix_groups(seqs: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PR
     return group, first, prefix_len
 
 
-def length_chunks(lengths: Sequence[int], min_rows: int = 8, max_chunks: int = 3) -> list[list[int]]:
-    """Indices of ``lengths`` sorted by length and cut into up to ``max_chunks`` runs of at least
-    ``min_rows``: rows of similar length padded together (less padding, still large matrices)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+def length_chunks(lengths: Sequence[int], min_rows: int = 8, max_chunks: int = 3,
+                  tiebreak: Sequence[Any] | None = None) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length (then by ``tiebreak``) and cut into up to ``max_chunks``
+    runs of at least ``min_rows``: rows of similar length padded together (less padding, still large
+    matrices)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tiebreak[i] if tiebreak is not None else i))
     k = max(1, min(max_chunks, len(order) // min_rows))
     return [order[c * len(order) // k:(c + 1) * len(order) // k] for c in range(k)]
 
@@ -283,8 +285,9 @@ def scalar_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device: to
     row's rest runs on its prefix's keys and values (a gather, so gradients from all rows add up).
     Both passes batch rows of similar length together (:func:`length_chunks`). Same numbers as the
     plain pass up to float rounding, for about half its compute on preference pairs. Only for
-    decoder-only models (:func:`reads_left_to_right`; others take the plain pass), and off for the
-    env's scores, which stay bit for bit those of the plain pass.
+    decoder-only models (:func:`reads_left_to_right`; others take the plain pass). The reward
+    model's ``score`` (the env's rewards) keeps the plain pass, so rewards stay bit for bit what they
+    were; training, centring and the preference model's ``logit`` share.
     """
     share_prefixes = share_prefixes and reads_left_to_right(model)
     group, first, prefix_len = prefix_groups(seqs) if share_prefixes else ([], [], [])
@@ -315,7 +318,10 @@ def scalar_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device: to
     # 2. every row's rest on its prefix's keys and values
     starts = [prefix_len[g] for g in group]
     scores, rows = [], []
-    for chunk in length_chunks([len(seqs[i]) - starts[i] for i in range(len(seqs))]):
+    # ties broken by the ids, so the same rows in another order meet the same batches (a preference
+    # model's prefer(a, b) and prefer(b, a) stay each other's complement)
+    rest = [list(s[n:]) for s, n in zip(seqs, starts)]
+    for chunk in length_chunks([len(r) for r in rest], tiebreak=rest):
         take = at[torch.tensor([group[i] for i in chunk])].to(prefix_mask.device)
         cache = DynamicCache()
         for layer, (k, v) in enumerate(zip(keys, values)):
