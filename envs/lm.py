@@ -52,6 +52,7 @@ from .hf import cached_forward, position_ids
 
 __all__ = [
     "IncrementalLM",
+    "length_chunks",
     "sequence_logprobs",
     "model_vocab_size",
     "encode_prompts",
@@ -133,6 +134,16 @@ def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     sorted_first, perm = order.sort()
     rank[perm] = torch.arange(len(order), device=ids.device)  # unique id -> position in appearance order
     return sorted_first, rank[inverse]
+
+
+def length_chunks(lengths: Sequence[int], min_rows: int = 8, max_chunks: int = 3,
+                  tiebreak: Sequence | None = None) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length (then by ``tiebreak``) and cut into up to ``max_chunks``
+    runs of at least ``min_rows``: rows of similar length padded together (less padding, still large
+    matrices)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tiebreak[i] if tiebreak is not None else i))
+    k = max(1, min(max_chunks, len(order) // min_rows))
+    return [order[c * len(order) // k:(c + 1) * len(order) // k] for c in range(k)]
 
 
 class IncrementalLM:

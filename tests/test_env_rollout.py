@@ -128,6 +128,37 @@ def test_distinct_rows_in_order_of_first_appearance():
     assert [t.tolist() for t in distinct_rows(ids[:0], mask[:0])] == [[], []]
 
 
+def test_repeated_prompts_are_read_once_with_the_row_by_row_results(env):
+    """forward_logprobs on k copies of prompts of several lengths, completions of several lengths:
+    each prompt runs through the network once and rows of similar length are batched together, and
+    log-probs, values and gradients are those of scoring every row alone."""
+    import copy
+
+    torch.manual_seed(0)
+    shared = CausalLMPolicy.from_env(env, value_head=True)
+    torch.nn.init.normal_(shared.value_head.weight, std=0.1)
+    alone = copy.deepcopy(shared)
+    prompts = env.unwrapped.prompts("train", 20)
+    roll = shared.sample(prompts * 2, temperature=1.0)  # 40 rows: every prompt twice
+    lengths = roll.mask.sum(1)
+    assert len({len(p) for p in roll.prompt_ids}) > 3 and int(lengths.min()) < int(lengths.max())
+    read = []
+    hook = shared.model.get_input_embeddings().register_forward_hook(lambda m, i, o: read.append(i[0].numel()))
+    logp, values = shared.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask, with_values=True)
+    hook.remove()
+    rows = [alone.forward_logprobs(roll.prompt_ids[i:i + 1], roll.tokens[i:i + 1], roll.mask[i:i + 1], with_values=True)
+            for i in range(40)]
+    torch.testing.assert_close(logp, torch.cat([r[0] for r in rows]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(values, torch.cat([r[1] for r in rows]), atol=1e-5, rtol=0)
+    assert sum(read) < 0.7 * roll.tokens.numel() + 40 * max(map(len, roll.prompt_ids))  # prompts once, less padding
+    weights = torch.randn(40, roll.tokens.shape[1])
+    ((logp + values) * weights).sum().backward()
+    sum(((r[0] + r[1]) * weights[i]).sum() for i, r in enumerate(rows)).backward()
+    for (name, a), b in zip(alone.model.named_parameters(), shared.model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
+    torch.testing.assert_close(shared.value_head.weight.grad, alone.value_head.weight.grad, atol=1e-4, rtol=1e-3)
+
+
 def test_duplicate_prompts_are_prefilled_once(env):
     """IncrementalLM prefills a repeated prompt once and copies it: same logits and cache as row by row."""
     model = env.unwrapped.reference_model

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..assets import atomic_save_dir
 from ..moved import moved_attributes
 from ..hf import quiet_transformers, resolve_device
+from ..lm import length_chunks
 
 FormatFn = Callable[[str, str], str]
 CONFIG_NAME = "reward_config.json"
@@ -255,16 +256,6 @@ def prefix_groups(seqs: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PR
         group[i] = len(first) - 1
         prev = i
     return group, first, prefix_len
-
-
-def length_chunks(lengths: Sequence[int], min_rows: int = 8, max_chunks: int = 3,
-                  tiebreak: Sequence[Any] | None = None) -> list[list[int]]:
-    """Indices of ``lengths`` sorted by length (then by ``tiebreak``) and cut into up to ``max_chunks``
-    runs of at least ``min_rows``: rows of similar length padded together (less padding, still large
-    matrices)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tiebreak[i] if tiebreak is not None else i))
-    k = max(1, min(max_chunks, len(order) // min_rows))
-    return [order[c * len(order) // k:(c + 1) * len(order) // k] for c in range(k)]
 
 
 def reads_left_to_right(model) -> bool:
