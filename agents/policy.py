@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers import DynamicCache
 
 from rlhfgym.envs.hf import cached_forward, position_ids, quiet_transformers
 from rlhfgym.envs.evaluation import Samples
@@ -27,6 +26,7 @@ from rlhfgym.envs.lm import (
     encode_completions,
     encode_prompts,
     length_chunks,
+    SharedPrefixes,
     model_vocab_size,
     sample_tokens,
 )
@@ -238,41 +238,21 @@ class CausalLMPolicy(nn.Module):
         prompt or completion is not padded to the batch's longest; positions past a row's completion
         get zero logits (its mask is 0 there)."""
         device, width = ids.device, ids.shape[1] - p
-        # 1. the distinct prompts, each run padded to its own longest, then back to width p on the left
-        prompt_len = att[first, :p].sum(1).tolist()
-        keys, values, last_logits, last_hidden, done = [], [], [], [], []
-        for chunk in length_chunks(prompt_len):
-            rows, w = first[torch.tensor(chunk, device=device)], max(prompt_len[i] for i in chunk)
-            mask = att[rows, p - w:p]
-            out, cache = cached_forward(net, DynamicCache(), input_ids=ids[rows, p - w:p], attention_mask=mask,
-                                        position_ids=position_ids(mask), output_hidden_states=with_values)
-            keys.append([F.pad(layer.keys, (0, 0, p - w, 0)) for layer in cache.layers])
-            values.append([F.pad(layer.values, (0, 0, p - w, 0)) for layer in cache.layers])
-            last_logits.append(out.logits[:, -1:])
-            if with_values:
-                last_hidden.append(out.hidden_states[-1][:, -1:])
-            done += chunk
-        keys = [torch.cat(k) for k in zip(*keys)]
-        values = [torch.cat(v) for v in zip(*values)]
-        last_logits = torch.cat(last_logits)
-        last_hidden = torch.cat(last_hidden) if with_values else None
-        at = torch.empty(len(done), dtype=torch.long, device=device)
-        at[torch.tensor(done, device=device)] = torch.arange(len(done), device=device)  # row of prompt j above
+        # 1. the distinct prompts, read once (rows of similar length together)
+        prompts = SharedPrefixes(net, ids[first, :p], att[first, :p], output_hidden_states=with_values)
         # 2. every row's completion on its prompt's keys and values
         completion_len = att[:, p:].sum(1).tolist()
         positions = position_ids(att)
         logits, hidden, rows_done = [], [], []
         for chunk in length_chunks(completion_len):
             rows = torch.tensor(chunk, device=device)
-            take, t = at[copies[rows]], max(1, max(completion_len[i] for i in chunk))
-            cache = DynamicCache()
-            for layer, (k, v) in enumerate(zip(keys, values)):
-                cache.update(k[take], v[take], layer)
-            rest, _ = cached_forward(net, cache, input_ids=ids[rows, p:p + t], attention_mask=att[rows, :p + t],
+            take, t = copies[rows], max(1, max(completion_len[i] for i in chunk))
+            rest, _ = cached_forward(net, prompts.cache(take), input_ids=ids[rows, p:p + t], attention_mask=att[rows, :p + t],
                                      position_ids=positions[rows, p:p + t], output_hidden_states=with_values)
-            logits.append(F.pad(torch.cat([last_logits[take], rest.logits[:, :-1]], 1), (0, 0, 0, width - t)))
+            logits.append(F.pad(torch.cat([prompts.last_logits[take], rest.logits[:, :-1]], 1), (0, 0, 0, width - t)))
             if with_values:
-                hidden.append(F.pad(torch.cat([last_hidden[take], rest.hidden_states[-1][:, :-1]], 1), (0, 0, 0, width - t)))
+                hidden.append(F.pad(torch.cat([prompts.last_hidden[take], rest.hidden_states[-1][:, :-1]], 1),
+                                    (0, 0, 0, width - t)))
             rows_done += chunk
         back = torch.tensor(rows_done, device=device).argsort()
         return torch.cat(logits)[back], torch.cat(hidden)[back] if with_values else None

@@ -52,6 +52,7 @@ from .hf import cached_forward, position_ids
 
 __all__ = [
     "IncrementalLM",
+    "SharedPrefixes",
     "length_chunks",
     "sequence_logprobs",
     "model_vocab_size",
@@ -144,6 +145,48 @@ def length_chunks(lengths: Sequence[int], min_rows: int = 8, max_chunks: int = 3
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tiebreak[i] if tiebreak is not None else i))
     k = max(1, min(max_chunks, len(order) // min_rows))
     return [order[c * len(order) // k:(c + 1) * len(order) // k] for c in range(k)]
+
+
+class SharedPrefixes:
+    """Distinct prefixes read once into one KV cache that rows continuing them can share.
+
+    ``SharedPrefixes(net, ids, mask)`` runs the left-padded prefixes ``ids`` / ``mask`` (P, W) through
+    ``net`` with a KV cache, rows of similar length together (:func:`length_chunks`, each run padded to
+    its own longest prefix), and keeps every layer's keys and values at the common width ``W``
+    (padding on the left, masked). :meth:`cache` gives the cache of some rows (a gather, so gradients
+    from every row that continues a prefix add up), ``mask`` the prefixes' attention mask, and
+    ``last_logits`` / ``last_hidden`` the outputs at each prefix's last position (when ``net`` returns
+    logits / when ``output_hidden_states=True``). Rows come back in the given order.
+    """
+
+    def __init__(self, net: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, *, output_hidden_states: bool = False):
+        width, lengths = ids.shape[1], mask.sum(1).tolist()
+        keys, values, logits, hidden, done = [], [], [], [], []
+        for chunk in length_chunks(lengths):
+            rows, w = torch.tensor(chunk, device=ids.device), max(lengths[i] for i in chunk)
+            m = mask[rows, width - w:]
+            out, cache = cached_forward(net, DynamicCache(), input_ids=ids[rows, width - w:], attention_mask=m,
+                                        position_ids=position_ids(m), output_hidden_states=output_hidden_states)
+            keys.append([torch.nn.functional.pad(layer.keys, (0, 0, width - w, 0)) for layer in cache.layers])
+            values.append([torch.nn.functional.pad(layer.values, (0, 0, width - w, 0)) for layer in cache.layers])
+            if getattr(out, "logits", None) is not None:
+                logits.append(out.logits[:, -1:])
+            if output_hidden_states:
+                hidden.append(out.hidden_states[-1][:, -1:])
+            done += chunk
+        back = torch.tensor(done, device=ids.device).argsort()
+        self.keys = [torch.cat(k)[back] for k in zip(*keys)]
+        self.values = [torch.cat(v)[back] for v in zip(*values)]
+        self.mask = mask
+        self.last_logits = torch.cat(logits)[back] if logits else None
+        self.last_hidden = torch.cat(hidden)[back] if hidden else None
+
+    def cache(self, take: torch.Tensor) -> DynamicCache:
+        """A cache holding prefix ``take[i]`` in row ``i``."""
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            cache.update(k[take], v[take], layer)
+        return cache
 
 
 class IncrementalLM:

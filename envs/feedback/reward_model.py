@@ -285,41 +285,23 @@ def scalar_forward(model, seqs: Sequence[Sequence[int]], pad_id: int, device: to
     if not share_prefixes or len(first) == len(seqs) or min(prefix_len) < 1:
         ids, mask = pad_right(seqs, pad_id, device)
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
-    from transformers import DynamicCache
+    from ..hf import cached_forward
+    from ..lm import SharedPrefixes
 
-    from ..hf import cached_forward, position_ids
-
-    # 1. the distinct prefixes, left-padded to a common width so every row's rest continues them
-    width = max(prefix_len)
-    keys, values, masks, done = [], [], [], []
-    for chunk in length_chunks(prefix_len):
-        ids, mask = pad_left([seqs[first[g]][:prefix_len[g]] for g in chunk], pad_id, device)
-        _, cache = cached_forward(model.base_model, DynamicCache(), input_ids=ids, attention_mask=mask,
-                                  position_ids=position_ids(mask))
-        extra = width - ids.shape[1]
-        keys.append([F.pad(layer.keys, (0, 0, extra, 0)) for layer in cache.layers])
-        values.append([F.pad(layer.values, (0, 0, extra, 0)) for layer in cache.layers])
-        masks.append(F.pad(mask, (extra, 0)))
-        done += chunk
-    keys = [torch.cat(k) for k in zip(*keys)]
-    values = [torch.cat(v) for v in zip(*values)]
-    prefix_mask = torch.cat(masks)
-    at = torch.empty(len(done), dtype=torch.long)
-    at[torch.tensor(done)] = torch.arange(len(done))  # where group g's prefix sits in the passes' output
-    # 2. every row's rest on its prefix's keys and values
+    # 1. the distinct prefixes, read once (left-padded to a common width so every row's rest continues them)
+    p_ids, p_mask = pad_left([seqs[f][:n] for f, n in zip(first, prefix_len)], pad_id, device)
+    prefixes = SharedPrefixes(model.base_model, p_ids, p_mask)
+    # 2. every row's rest on its prefix's keys and values; ties broken by the ids, so the same rows in
+    # another order meet the same batches (a preference model's prefer(a, b) and prefer(b, a) stay
+    # each other's complement)
     starts = [prefix_len[g] for g in group]
-    scores, rows = [], []
-    # ties broken by the ids, so the same rows in another order meet the same batches (a preference
-    # model's prefer(a, b) and prefer(b, a) stay each other's complement)
     rest = [list(s[n:]) for s, n in zip(seqs, starts)]
+    scores, rows = [], []
     for chunk in length_chunks([len(r) for r in rest], tiebreak=rest):
-        take = at[torch.tensor([group[i] for i in chunk])].to(prefix_mask.device)
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(zip(keys, values)):
-            cache.update(k[take], v[take], layer)
-        ids, mask = pad_right([seqs[i][starts[i]:] for i in chunk], pad_id, device)
+        take = torch.tensor([group[i] for i in chunk], device=p_ids.device)
+        ids, mask = pad_right([rest[i] for i in chunk], pad_id, device)
         first_position = torch.tensor([starts[i] for i in chunk], device=ids.device)
-        out, _ = cached_forward(model, cache, input_ids=ids, attention_mask=torch.cat([prefix_mask[take], mask], 1),
+        out, _ = cached_forward(model, prefixes.cache(take), input_ids=ids, attention_mask=torch.cat([p_mask[take], mask], 1),
                                 position_ids=first_position[:, None] + torch.arange(ids.shape[1], device=ids.device))
         scores.append(out.logits.squeeze(-1).float())
         rows += chunk
