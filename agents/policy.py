@@ -17,16 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 from rlhfgym.envs.hf import cached_forward, position_ids, quiet_transformers
 from rlhfgym.envs.evaluation import Samples
 from rlhfgym.envs.lm import (
+    SharedPrefixes,
     decode_completions,
     distinct_rows,
     encode_completions,
     encode_prompts,
     length_chunks,
-    SharedPrefixes,
     model_vocab_size,
     sample_tokens,
 )
