@@ -27,6 +27,7 @@ from rlhfgym.envs.lm import (
     encode_prompts,
     length_chunks,
     model_vocab_size,
+    pad_left,
     sample_tokens,
 )
 
@@ -189,15 +190,10 @@ class CausalLMPolicy(nn.Module):
     # ------------------------------------------------------------------ teacher-forced (with gradients)
     def batch(self, prompt_ids: list[list[int]], tokens: torch.Tensor, mask: torch.Tensor):
         """``[left-padded prompt | completion]`` ids and attention mask, and where the completion starts."""
-        p = max(map(len, prompt_ids))
-        b = len(prompt_ids)
-        ids = torch.full((b, p), self.pad_id, dtype=torch.long)
-        att = torch.zeros(b, p, dtype=torch.long)
-        for i, row in enumerate(prompt_ids):
-            ids[i, p - len(row):] = torch.tensor(row)
-            att[i, p - len(row):] = 1
-        ids = torch.cat([ids.to(self.device), tokens.to(self.device)], 1)
-        att = torch.cat([att.to(self.device), mask.to(self.device).long()], 1)
+        ids, att = pad_left(prompt_ids, self.pad_id, self.device)
+        p = ids.shape[1]
+        ids = torch.cat([ids, tokens.to(self.device)], 1)
+        att = torch.cat([att, mask.to(self.device).long()], 1)
         return ids, att, p
 
     def forward_logprobs(self, prompt_ids, tokens, mask, *, temperature: float = 1.0, with_values: bool = False,

@@ -54,6 +54,7 @@ __all__ = [
     "IncrementalLM",
     "SharedPrefixes",
     "length_chunks",
+    "pad_left",
     "sequence_logprobs",
     "model_vocab_size",
     "encode_prompts",
@@ -137,6 +138,19 @@ def distinct_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return sorted_first, rank[inverse]
 
 
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, T) ids and attention mask of token-id lists: the rows end together, so what
+    follows (a completion, the rest of a sequence on a prefix's KV cache) continues all of them."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
 def length_chunks(lengths: Sequence[int], min_rows: int = 8, max_chunks: int = 3,
                   tiebreak: Sequence | None = None) -> list[list[int]]:
     """Indices of ``lengths`` sorted by length (then by ``tiebreak``) and cut into up to ``max_chunks``
@@ -154,8 +168,7 @@ class SharedPrefixes:
     ``net`` with a KV cache, rows of similar length together (:func:`length_chunks`, each run padded to
     its own longest prefix), and keeps every layer's keys and values at the common width ``W``
     (padding on the left, masked). :meth:`cache` gives the cache of some rows (a gather, so gradients
-    from every row that continues a prefix add up), ``mask`` the prefixes' attention mask, and
-    ``last_logits`` / ``last_hidden`` the outputs at each prefix's last position (when ``net`` returns
+    from every row that continues a prefix add up), and ``last_logits`` / ``last_hidden`` the outputs at each prefix's last position (when ``net`` returns
     logits / when ``output_hidden_states=True``). Rows come back in the given order.
     """
 
@@ -177,7 +190,6 @@ class SharedPrefixes:
         back = torch.tensor(done, device=ids.device).argsort()
         self.keys = [torch.cat(k)[back] for k in zip(*keys)]
         self.values = [torch.cat(v)[back] for v in zip(*values)]
-        self.mask = mask
         self.last_logits = torch.cat(logits)[back] if logits else None
         self.last_hidden = torch.cat(hidden)[back] if hidden else None
 
@@ -381,13 +393,7 @@ class IncrementalLM:
             raise ValueError(f"reset_rows: got {k} rows but {len(prompts)} prompts; pass one prompt per row.")
         if min(len(x) for x in prompts) == 0:
             raise ValueError("reset_rows: every prompt needs at least one token; got an empty prompt.")
-        p = max(len(x) for x in prompts)
-        ids = np.zeros((k, p), dtype=np.int64)
-        mask = np.zeros((k, p), dtype=np.int64)
-        for i, x in enumerate(prompts):
-            ids[i, p - len(x) :] = x
-            mask[i, p - len(x) :] = 1
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+        return pad_left(prompts, 0, self.device)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..assets import atomic_save_dir
 from ..moved import moved_attributes
 from ..hf import quiet_transformers, resolve_device
-from ..lm import length_chunks
+from ..lm import length_chunks, pad_left
 
 FormatFn = Callable[[str, str], str]
 CONFIG_NAME = "reward_config.json"
@@ -207,18 +207,6 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (B, T) ids and attention mask (the rows end together, so a second pass can continue them)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
     return ids.to(device), mask.to(device)
 
 
