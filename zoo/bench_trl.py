@@ -499,17 +499,9 @@ def run_child(side: str, pair: str, settings_file: str, out: str) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from rlhfgym.envs.assets import atomic_write_text  # the project's one atomic write (fsynced, mode kept)
+
+    return atomic_write_text(path, text)
 
 
 def child_command(python: str, side: str, pair: str, settings_file: Path, out: Path) -> list[str]:
