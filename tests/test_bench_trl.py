@@ -43,6 +43,11 @@ def test_cpu_float32_and_no_checkpointing_on_the_trl_side():
         assert trl["gradient_checkpointing"] is False and trl["use_cpu"] is True
 
 
+def test_on_a_gpu_trl_is_not_told_to_use_the_cpu():
+    for pair in bt.PAIRS:
+        assert bt.side_settings(bt.default_settings(pair, device="cuda"))["trl"]["use_cpu"] is False
+
+
 def test_trl_rloo_batch_counts_completions():
     s = bt.default_settings("rloo", updates=5)
     sides = bt.side_settings(s)
@@ -64,6 +69,8 @@ def test_ppo_minibatches_are_one_optimizer_step_each():
     ({"pair": "ppo", "batch_size": 40}, "multiple of mini_batch_size"),
     ({"pair": "dpo", "updates": 0}, "updates must be a positive integer"),
     ({"pair": "dpo", "dtype": "bfloat16"}, "float32"),
+    ({"pair": "dpo", "device": "tpu"}, "unknown device"),
+    ({"pair": "dpo", "policy": "/no/such/model"}, "rlhf-zoo bench policy"),
 ])
 def test_bad_settings_are_refused(bad, match):
     kw = {"updates": 2, "batch_size": 16, "learning_rate": 1e-4, **bad}
@@ -100,12 +107,59 @@ def test_cli_passes_its_arguments(monkeypatch):
             kw["env_rounds"]) == ("dpo,ppo", 2, "o", "/t/py", "/t112/py", 3, 1)
 
 
+def test_cli_passes_device_and_policy_and_builds_a_policy(monkeypatch, tmp_path):
+    from rlhfgym.zoo import cli
+
+    calls = []
+    monkeypatch.setattr(bt, "bench_trl", lambda **kw: calls.append(kw))
+    assert cli.main(["bench", "trl", "--device", "cuda:1", "--policy", "llama-113m"]) == 0
+    assert (calls[0]["device"], calls[0]["policy"]) == ("cuda:1", "llama-113m")
+    built = []
+    monkeypatch.setattr(bt, "build_policy", lambda *a, **kw: built.append((a, kw)))
+    assert cli.main(["bench", "policy", "llama-tiny", "--out", str(tmp_path), "--seed", "2"]) == 0
+    assert built == [(("llama-tiny", str(tmp_path)), {"seed": 2})]
+
+
 def test_trl_python_without_trl_is_a_clear_error(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.exit(\"No module named trl\")'\n")
     fake.chmod(0o755)
     with pytest.raises(bt.BenchError, match="cannot import trl"):
         bt.python_versions(str(fake))
+
+
+# ---------------------------------------------------------------------------------------------- a policy of another size
+
+
+def test_build_policy_saves_the_preset_with_the_env_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = bt.build_policy("llama-tiny", tmp_path / "tiny", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == bt.POLICY_PRESETS["llama-tiny"]["hidden_size"]
+    assert model.config.num_hidden_layers == bt.POLICY_PRESETS["llama-tiny"]["num_hidden_layers"]
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tok) and model.config.eos_token_id == tok.eos_token_id
+    again = AutoModelForCausalLM.from_pretrained(bt.build_policy("llama-tiny", tmp_path / "again", seed=1))
+    assert all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))  # the seed decides the weights
+    with pytest.raises(bt.BenchError, match="unknown policy preset"):
+        bt.build_policy("llama-7b", tmp_path / "x")
+
+
+def test_both_sides_start_from_the_settings_policy(tmp_path):
+    """Our side trains the given policy (not the micro SFT model): the saved final model has its shape."""
+    from transformers import AutoConfig
+
+    policy = bt.build_policy("llama-tiny", tmp_path / "tiny")
+    s = bt.default_settings("rloo", updates=1, batch_size=8, rloo_k=2, policy=str(policy), eval_prompts=4)
+    _, core = bt._load_env(s)
+    assert core.reference_model.config.hidden_size == bt.POLICY_PRESETS["llama-tiny"]["hidden_size"]
+    settings = bt.prepare_data(s, tmp_path / "data")
+    bt.run_child("ours", "rloo", str(settings), str(tmp_path / "ours"))
+    record = json.loads((tmp_path / "ours" / bt.RESULT_FILE).read_text())
+    assert record["updates"] == 1
+    assert AutoConfig.from_pretrained(record["model_dir"]).hidden_size == bt.POLICY_PRESETS["llama-tiny"]["hidden_size"]
+    assert set(bt.evaluate_model(s, record["model_dir"], tmp_path / "data")) == {"gold", "rm"}
 
 
 # ---------------------------------------------------------------------------------------------- the subprocess protocol

@@ -30,12 +30,13 @@ def _sample(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @torch.no_grad()
 def env_rollout_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: float, device: str,
-                             steps: int, temperature: float = 1.0, seed: int = 0) -> float:
+                             steps: int, temperature: float = 1.0, seed: int = 0, reference=None) -> float:
     import gymnasium as gym
 
     from rlhfgym.envs.lm import IncrementalLM
 
-    env = gym.make_vec(env_id, num_envs=batch, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device)
+    env = gym.make_vec(env_id, num_envs=batch, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device,
+                       **_reference_kwargs(reference))
     core = env.unwrapped
     policy = core.reference_model  # the SFT policy acts (a frozen copy is not needed for a benchmark)
     window = core.core.window
@@ -86,12 +87,12 @@ def _batches_tokens_per_s(one_batch, prompts: list[str], batch: int, repeats: in
 
 @torch.no_grad()
 def generate_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: float, device: str,
-                          repeats: int, temperature: float = 1.0) -> float:
+                          repeats: int, temperature: float = 1.0, reference=None) -> float:
     import gymnasium as gym
 
     from rlhfgym.envs.lm import sequence_logprobs
 
-    env = gym.make(env_id, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device)
+    env = gym.make(env_id, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device, **_reference_kwargs(reference))
     core = env.unwrapped
     model, ref, tok = core.reference_model, core.reference_model, core.tokenizer
     tok.padding_side = "left"
@@ -120,7 +121,7 @@ def generate_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef:
 
 @torch.no_grad()
 def bare_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: float, device: str,
-                      repeats: int, temperature: float = 1.0) -> float:
+                      repeats: int, temperature: float = 1.0, reference=None) -> float:
     """The limit of the env path: the same policy, reference and reward model with no env around them.
 
     Each batch of ``batch`` prompts is decoded token by token with the policy's KV cache
@@ -133,7 +134,7 @@ def bare_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: flo
 
     from rlhfgym.envs.lm import IncrementalLM, TokenSampler, decode_completions, encode_prompts
 
-    env = gym.make(env_id, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device)
+    env = gym.make(env_id, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device, **_reference_kwargs(reference))
     core = env.unwrapped
     policy, ref, tok = core.reference_model, core.reference_model, core.tokenizer
     max_prompt = getattr(getattr(core, "core", core), "max_prompt_tokens", 96)
@@ -174,31 +175,63 @@ def bare_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: flo
     return rate
 
 
+def load_reference(reference: str | None = None, dtype: str | None = None):
+    """The policy (= reference) a bench runs: None (the env's own, the micro world's SFT model) unless
+    ``reference`` (a model directory, e.g. one made by :func:`rlhfgym.zoo.bench_trl.build_policy`) or
+    ``dtype`` ("float32", "bfloat16", "float16") is given; then that model, loaded in that dtype."""
+    if reference is None and dtype is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    from rlhfgym.envs.assets import load_micro_assets
+    from rlhfgym.envs.hf import quiet_transformers
+
+    wanted = getattr(torch, str(dtype or "float32"), None)
+    if not (isinstance(wanted, torch.dtype) and wanted.is_floating_point):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16.")
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(reference or load_micro_assets().sft_dir, dtype=wanted)
+
+
+def _reference_kwargs(reference) -> dict:
+    return {} if reference is None else {"reference": reference}
+
+
+def describe_model(model) -> str:
+    """``"<n>M parameters, <dtype>"`` of a model."""
+    param = next(model.parameters())
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {str(param.dtype).removeprefix('torch.')}"
+
+
 def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens: int = 32, device: str = "cpu",
-              repeats: int = 3, rounds: int = 1) -> list[dict]:
+              repeats: int = 3, rounds: int = 1, reference: str | None = None, dtype: str | None = None) -> list[dict]:
     """Print (and return) tokens/s of env rollouts vs generate (+ reference pass + RM) and vs bare
     KV-cached decoding of the same policy + reference + RM (:func:`bare_tokens_per_s`), for kl_coef
     0.05 and 0. Each cell is the median of ``rounds`` interleaved measurements (generate, env, bare,
-    generate, ...), each over ``repeats`` batches."""
+    generate, ...), each over ``repeats`` batches. ``reference`` / ``dtype``: the policy (which is
+    also the reference) to run instead of the micro world's SFT model (:func:`load_reference`); the
+    reward model stays the env's."""
     import statistics
 
     import rlhfgym.envs  # noqa: F401  (registers the ids)
 
+    model = load_reference(reference, dtype)
     rows = []
     for kl_coef in (0.05, 0.0):
         usual, env, bare = [], [], []
         for _ in range(rounds):
-            usual.append(generate_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats))
+            usual.append(generate_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats, reference=model))
             env.append(env_rollout_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device,
-                                                steps=repeats * max_new_tokens))
-            bare.append(bare_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats))
+                                                steps=repeats * max_new_tokens, reference=model))
+            bare.append(bare_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats, reference=model))
         e, u, b = statistics.median(env), statistics.median(usual), statistics.median(bare)
         rows.append({"kl_coef": kl_coef, "env_tokens_per_s": e, "usual_tokens_per_s": u, "bare_tokens_per_s": b,
                      "ratio": e / u, "env_over_bare": e / b, "rounds": rounds,
                      "runs": {"env": env, "usual": usual, "bare": bare}})
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
+    policy = describe_model(model if model is not None else load_reference(dtype="float32"))
     print(f"rlhf-zoo bench env — {env_id}, batch {batch}, max_new_tokens {max_new_tokens}, device {device} ({machine}), "
-          f"{date.today()}, median of {rounds} interleaved round(s)")
+          f"policy = reference {reference or 'micro SFT'} ({policy}), {date.today()}, median of {rounds} interleaved round(s)")
     print("| kl_coef | env rollout (tokens/s) | usual way (tokens/s) | ratio | bare KV-cached decoding (tokens/s) | env / bare |")
     print("|---|---|---|---|---|---|")
     for r in rows:

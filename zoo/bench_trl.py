@@ -95,6 +95,8 @@ class Settings:
     env_id: str = "RLHF-Summarize-v0"
     eval_prompts: int = 200
     eval_pairs: int = 200
+    device: str = "cpu"
+    policy: str = "sft"  # "sft": the env's SFT model; else a model directory (build_policy) both sides start from
 
     def __post_init__(self) -> None:
         if self.pair not in PAIRS:
@@ -109,7 +111,12 @@ class Settings:
             raise BenchError(f"ppo: batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size}).")
         if self.dtype != "float32":
-            raise BenchError("only dtype float32 is benchmarked on the CPU.")
+            raise BenchError("only dtype float32 is benchmarked: rlhf-gym's agents train float32 weights.")
+        if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
+            raise BenchError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N.")
+        if self.policy != "sft" and not (Path(self.policy) / "config.json").is_file():
+            raise BenchError(f"policy {self.policy!r} is neither 'sft' nor a model directory; make one with "
+                             "`rlhf-zoo bench policy NAME --out DIR`.")
 
     @property
     def budget(self) -> int:
@@ -143,7 +150,7 @@ def side_settings(s: Settings) -> dict[str, dict[str, Any]]:
     hyperparameters, or ``train_reward_model``'s keywords) and ``trl`` (the TRL config's fields)."""
     trl_common = {
         "learning_rate": s.learning_rate, "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": s.seed,
-        "bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": True, "report_to": "none",
+        "bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": s.device == "cpu", "report_to": "none",
         "save_strategy": "no", "logging_steps": 1, "dataloader_num_workers": 0, "disable_dropout": True,
     }
     if s.pair == "rloo":
@@ -272,8 +279,43 @@ def _load_env(s: Settings):
     import rlhfgym.envs  # noqa: F401  (registers the ids)
 
     torch.set_num_threads(s.threads)
-    env = gym.make(s.env_id, kl_coef=s.beta, max_new_tokens=s.max_new_tokens)
+    reference = {} if s.policy == "sft" else {"reference": s.policy}
+    env = gym.make(s.env_id, kl_coef=s.beta, max_new_tokens=s.max_new_tokens, device=s.device, **reference)
     return env, env.unwrapped
+
+
+#: policies made locally from a config for GPU runs (no download): Llama decoders over the micro world's
+#: tokenizer, randomly initialised, so they time the work of a model of that size (their gold means nothing)
+POLICY_PRESETS: dict[str, dict[str, int]] = {
+    "llama-113m": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "llama-403m": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+    "llama-tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
+}
+
+
+def build_policy(name: str, out: str | os.PathLike, seed: int = 0, env_id: str = "RLHF-Summarize-v0") -> Path:
+    """Save the preset ``name`` of :data:`POLICY_PRESETS` (with the env's tokenizer) to ``out``:
+    the ``policy`` of a :class:`Settings`, or ``rlhf-zoo bench env --reference``. Returns ``out``."""
+    if name not in POLICY_PRESETS:
+        raise BenchError(f"unknown policy preset {name!r}; use one of {', '.join(POLICY_PRESETS)}.")
+    import gymnasium as gym
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rlhfgym.envs  # noqa: F401  (registers the ids)
+    from rlhfgym.envs.assets import atomic_save_dir
+
+    tok = gym.make(env_id).unwrapped.tokenizer
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **POLICY_PRESETS[name])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with atomic_save_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    print(f"[bench] {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {out}", flush=True)
+    return Path(out)
 
 
 def _sft_copy(core):
@@ -326,7 +368,7 @@ def _run_ours(s: Settings, data_dir: Path, out: Path) -> tuple[float, list[float
     kw = side_settings(s)["ours"]
     extra: dict[str, float] = {}
     if s.pair in ("rloo", "ppo"):
-        agent = make(s.pair, seed=s.seed, **kw)
+        agent = make(s.pair, seed=s.seed, device=s.device, **kw)
         clock = _Clock()
         agent.learn(env, s.budget, clock.tick, progress_bar=False)
         train_s = time.perf_counter() - clock.t0
@@ -335,7 +377,7 @@ def _run_ours(s: Settings, data_dir: Path, out: Path) -> tuple[float, list[float
         import datasets
 
         pairs = datasets.load_from_disk(str(data_dir / "train_pairs"))
-        agent = make("dpo", seed=s.seed, **kw)
+        agent = make("dpo", seed=s.seed, device=s.device, **kw)
         clock = _Clock()
         agent.learn(env, s.budget, clock.tick, dataset=pairs, progress_bar=False)
         train_s = time.perf_counter() - clock.t0
@@ -348,7 +390,7 @@ def _run_ours(s: Settings, data_dir: Path, out: Path) -> tuple[float, list[float
         pairs = datasets.load_from_disk(str(data_dir / "train_pairs"))
         backbone = _sft_copy(core)
         clock = _Clock()
-        rm = train_reward_model(backbone, core.tokenizer, pairs, None, device="cpu", progress=False, normalise=False, **kw)
+        rm = train_reward_model(backbone, core.tokenizer, pairs, None, device=s.device, progress=False, normalise=False, **kw)
         train_s = time.perf_counter() - clock.t0
         clock.ends = []  # train_reward_model reports no per-step times
         t0 = time.perf_counter()  # what train_reward_model does by default after training
@@ -573,7 +615,7 @@ def evaluate_model(s: Settings, model_dir: str, data_dir: Path) -> dict[str, flo
 
         from rlhfgym.envs.feedback.reward_model import RewardModel, evaluate_reward_model, load_scalar_model
 
-        rm = RewardModel(load_scalar_model(model_dir, core.tokenizer), core.tokenizer)
+        rm = RewardModel(load_scalar_model(model_dir, core.tokenizer), core.tokenizer, device=s.device)
         ev = evaluate_reward_model(rm, datasets.load_from_disk(str(data_dir / "test_pairs")), gold=core.gold)
         return {k: float(v) for k, v in ev.items() if isinstance(v, (int, float))}
     from transformers import AutoModelForCausalLM
@@ -581,7 +623,7 @@ def evaluate_model(s: Settings, model_dir: str, data_dir: Path) -> dict[str, flo
     from rlhfgym.envs.evaluation import evaluate_samples, lm_sampler
 
     model = core.reference_model if model_dir == "sft" else AutoModelForCausalLM.from_pretrained(model_dir).float()
-    model.eval()
+    model.to(core.device).eval()
     inner = getattr(core, "core", core)
     sample = lm_sampler(model, core.tokenizer, max_new_tokens=s.max_new_tokens,
                         max_prompt_tokens=getattr(inner, "max_prompt_tokens", 96))
@@ -635,9 +677,14 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
-            "cpu_count": os.cpu_count()}
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": _cpu_name(),
+            "cpu_count": os.cpu_count(), "device": device}
+    if device != "cpu":
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def _cpu_name() -> str:
@@ -678,10 +725,13 @@ def _quality(pair: str, ev: dict[str, float]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown table of a report (one row per pair; the env pair's numbers are tokens/s)."""
     lines = [f"# rlhf-zoo bench trl — {report['date']}", "",
-             f"Machine: {report['machine']['processor']} ({report['machine']['cpu_count']} cores), "
+             f"Machine: {report['machine']['processor']} ({report['machine']['cpu_count']} cores)"
+             + (f", {report['machine']['gpu']} ({report['machine']['device']})" if report['machine'].get('gpu') else "")
+             + ", "
              f"load average before/after {report['load_average_before']} / {report['load_average_after']}; "
              f"torch threads {report['threads']}.  ",
              f"Command: `{report['command']}`  ",
+             f"Policy both sides start from: {report.get('policy', 'sft')}.  ",
              "Versions: " + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                      for side, vs in report["versions"].items()), "",
              "Seconds per optimizer update (training time / updates; median of the runs, each run in brackets), "
@@ -752,8 +802,13 @@ def resolve_pairs(pair: str) -> list[str]:
 
 def bench_trl(pair: str = "all", repeats: int = 3, out: str | os.PathLike = DEFAULT_OUT, trl_python: str | None = None,
               trl_ppo_python: str | None = None, updates: int | None = None, seed: int = 0, threads: int = 1,
-              timeout: float = 900.0, command: str | None = None, env_rounds: int = 5) -> dict[str, Any]:
-    """Run the pairs (interleaved fresh subprocesses, ``repeats`` runs a side), print and write the report."""
+              timeout: float = 900.0, command: str | None = None, env_rounds: int = 5, device: str = "cpu",
+              policy: str = "sft") -> dict[str, Any]:
+    """Run the pairs (interleaved fresh subprocesses, ``repeats`` runs a side), print and write the report.
+
+    ``device``: where both sides train (and the env pair runs). ``policy``: what both sides start from:
+    "sft" (the micro world's SFT model), a model directory, or a :data:`POLICY_PRESETS` name (built
+    into the work directory first, seeded with ``seed``)."""
     if not isinstance(repeats, int) or repeats < 1:
         raise BenchError(f"repeats must be a positive integer, got {repeats!r}.")
     pairs = resolve_pairs(pair)
@@ -769,20 +824,24 @@ def bench_trl(pair: str = "all", repeats: int = 3, out: str | os.PathLike = DEFA
                              "trl.experimental.ppo.PPOTrainer; pass --trl-ppo-python with trl==1.12.0.")
     out = Path(out)
     report: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(device),
         "load_average_before": load_average(), "threads": threads, "repeats": repeats, "versions": versions,
+        "policy": policy,
         "command": command or shlex.join(["rlhf-zoo", "bench", "trl", "--pair", pair, "--repeats", str(repeats)]),
         "pairs": {}, "eval_prompts": default_settings("rloo").eval_prompts,
     }
     work = Path(tempfile.mkdtemp(prefix="bench-trl-"))
-    first = default_settings("rloo", seed=seed, threads=threads)
+    if policy in POLICY_PRESETS:
+        policy = str(build_policy(policy, work / "policy", seed=seed))
+    common = {"seed": seed, "threads": threads, "device": device, "policy": policy}
+    first = default_settings("rloo", **common)
     report["sft"] = evaluate_model(first, "sft", work)
     print(f"[bench trl] SFT policy: {_quality('rloo', report['sft'])}", flush=True)
     for p in pairs:
         if p == "env":
-            report["pairs"]["env"] = bench_env_pair(env_rounds)
+            report["pairs"]["env"] = bench_env_pair(env_rounds, device, None if policy == "sft" else policy)
             continue
-        s = default_settings(p, updates=updates, seed=seed, threads=threads)
+        s = default_settings(p, updates=updates, **common)
         entry: dict[str, Any] = {"settings": asdict(s), "settings_line": settings_line(s), "sides": side_settings(s),
                                  "runs": []}
         report["pairs"][p] = entry
@@ -818,12 +877,12 @@ def hasattr_ppo(python: str) -> bool:
     return subprocess.run([python, "-c", code], capture_output=True, timeout=300).returncode == 0
 
 
-def bench_env_pair(rounds: int) -> dict[str, Any]:
+def bench_env_pair(rounds: int, device: str = "cpu", reference: str | None = None) -> dict[str, Any]:
     """The env-rollout pair: ``rlhf-zoo bench env`` (env vs generate + ref + RM, and bare KV-cached decoding)."""
     from rlhfgym.zoo.bench import bench_env
 
     batch, max_new = 64, 32
-    rows = bench_env(batch=batch, max_new_tokens=max_new, repeats=3, rounds=rounds)
+    rows = bench_env(batch=batch, max_new_tokens=max_new, repeats=3, rounds=rounds, device=device, reference=reference)
     return {"batch": batch, "max_new_tokens": max_new, "rounds": rounds, "rows": rows}
 
 

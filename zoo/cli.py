@@ -105,6 +105,11 @@ def comma_list(text: str) -> list[str]:
     return items
 
 
+def positive_int_list(text: str) -> list[int]:
+    """``64,256,1024``: one or more positive integers."""
+    return [positive_int(item) for item in comma_list(text)]
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -305,10 +310,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     env = targets.add_parser(
         "env", help="environment throughput (tokens/s of the batched token MDP)", parents=[common_options()]
     )
-    env.add_argument("--batch", type=positive_int, default=64, help="parallel episodes (default: 64)")
+    env.add_argument("--batch", type=positive_int_list, default=[64],
+                     help="parallel episodes; comma-separated for one table each, e.g. 64,256,1024 (default: 64)")
     env.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens per episode (default: 32)")
     env.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     env.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (default: 3)")
+    env.add_argument("--reference", default=None,
+                     help="a causal LM directory to run as policy and reference instead of the micro world's SFT model "
+                          "(e.g. one made by `rlhf-zoo bench policy`; it must use the micro tokenizer)")
+    env.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="load the policy/reference in this dtype (default: float32)")
     env.set_defaults(bench=_bench_env)
     threads = targets.add_parser(
         "threads", help="env.step calls/s by torch thread count, as the machine is and with one more core busy",
@@ -352,12 +363,25 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     trl.add_argument("--timeout", type=positive_float, default=900.0, help="seconds a run may take (default: 900)")
     trl.add_argument("--env-rounds", type=positive_int, default=5,
                      help="interleaved rounds of the env pair (rlhf-zoo bench env), median shown (default: 5)")
+    trl.add_argument("--device", type=device, default="cpu", help="where both sides train: cpu, cuda or cuda:N (default: cpu)")
+    trl.add_argument("--policy", default="sft",
+                     help="what both sides start from: sft (the micro world's SFT model), a model directory, or a preset "
+                          "built first (llama-113m, llama-403m, llama-tiny; see `rlhf-zoo bench policy`) (default: sft)")
     trl.set_defaults(bench=_bench_trl)
+    policy = targets.add_parser(
+        "policy", help="save a randomly initialised Llama of a preset size over the micro tokenizer (for GPU benches)",
+        parents=[common_options()])
+    policy.add_argument("name", help="llama-113m, llama-403m or llama-tiny")
+    policy.add_argument("--out", required=True, help="the model directory to write")
+    policy.add_argument("--seed", type=non_negative_int, default=0, help="initialisation seed (default: 0)")
+    policy.set_defaults(bench=_bench_policy)
 
 
 def _bench_env(args: argparse.Namespace) -> Any:
     bench_env = load_impl("rlhfgym.zoo.bench", "bench_env")
-    return bench_env(batch=args.batch, max_new_tokens=args.max_new_tokens, device=args.device, repeats=args.repeats)
+    extra = {k: v for k, v in (("reference", args.reference), ("dtype", args.dtype)) if v is not None}
+    return [bench_env(batch=b, max_new_tokens=args.max_new_tokens, device=args.device, repeats=args.repeats, **extra)
+            for b in args.batch]
 
 
 def _bench_rollout(args: argparse.Namespace) -> Any:
@@ -380,7 +404,13 @@ def _bench_trl(args: argparse.Namespace) -> Any:
     command = "rlhf-zoo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else None
     return bench_trl(pair=args.pair, repeats=args.repeats, out=args.out, trl_python=args.trl_python,
                      trl_ppo_python=args.trl_ppo_python, updates=args.updates, seed=args.seed, threads=args.threads,
-                     timeout=args.timeout, command=command, env_rounds=args.env_rounds)
+                     timeout=args.timeout, command=command, env_rounds=args.env_rounds, device=args.device,
+                     policy=args.policy)
+
+
+def _bench_policy(args: argparse.Namespace) -> Any:
+    build_policy = load_impl("rlhfgym.zoo.bench_trl", "build_policy")
+    return build_policy(args.name, args.out, seed=args.seed)
 
 
 def _bench(args: argparse.Namespace) -> Any:
