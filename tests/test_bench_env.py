@@ -31,3 +31,21 @@ def test_bench_env_runs_the_given_policy(tiny, capsys):
         assert r["env_tokens_per_s"] > 0 and r["usual_tokens_per_s"] > 0 and r["bare_tokens_per_s"] > 0
     header = capsys.readouterr().out.splitlines()[0]
     assert f"policy = reference {tiny} (0.1M parameters, bfloat16)" in header
+
+
+def test_isolated_measurements_run_in_fresh_processes(tiny, monkeypatch):
+    seen = []
+    real = bench.measure_in_fresh_process
+
+    def spy(spec, timeout=1800.0):
+        seen.append(spec)
+        return real(spec, timeout)
+
+    monkeypatch.setattr(bench, "measure_in_fresh_process", spy)
+    rows = bench.bench_env(batch=4, max_new_tokens=4, repeats=1, reference=str(tiny), isolate=True)
+    assert len(seen) == 6 and {s["kind"] for s in seen} == {"env", "usual", "bare"}
+    assert all(s["reference"] == str(tiny) for s in seen) and rows[0]["isolated"]
+    assert all(r["env_tokens_per_s"] > 0 for r in rows)
+    with pytest.raises(RuntimeError, match="unknown measurement 'warp'"):
+        real({"kind": "warp", "env_id": "RLHF-Summarize-v0", "batch": 4, "max_new_tokens": 4, "kl_coef": 0.0,
+              "device": "cpu", "repeats": 1})

@@ -114,11 +114,12 @@ def test_build_assets_passes_arguments(monkeypatch) -> None:
 def test_bench_env_passes_arguments(monkeypatch) -> None:
     calls = fake_impl(monkeypatch, "rlhfgym.zoo.bench", "bench_env")
     assert cli.main(["bench", "env", "--batch", "8", "--max-new-tokens", "4", "--device", "cuda:1"]) == 0
-    assert calls == [((), dict(batch=8, max_new_tokens=4, device="cuda:1", repeats=3))]
-    calls.clear()  # one table per batch size; a policy directory in a dtype
-    assert cli.main(["bench", "env", "--batch", "64,256", "--reference", "/m", "--dtype", "bfloat16"]) == 0
-    assert calls == [((), dict(batch=b, max_new_tokens=32, device="cpu", repeats=3, reference="/m", dtype="bfloat16"))
-                     for b in (64, 256)]
+    assert calls == [((), dict(batch=8, max_new_tokens=4, device="cuda:1", repeats=3, rounds=1, isolate=False))]
+    calls.clear()  # one table per batch size; a policy directory in a dtype; fresh processes
+    assert cli.main(["bench", "env", "--batch", "64,256", "--reference", "/m", "--dtype", "bfloat16", "--rounds", "5",
+                     "--isolate"]) == 0
+    assert calls == [((), dict(batch=b, max_new_tokens=32, device="cpu", repeats=3, rounds=5, isolate=True, reference="/m",
+                               dtype="bfloat16")) for b in (64, 256)]
     for bad in (["--batch", "64,0"], ["--batch", "64,x"], ["--dtype", "int8"]):
         with pytest.raises(SystemExit):
             cli.main(["bench", "env", *bad])

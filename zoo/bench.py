@@ -203,35 +203,92 @@ def describe_model(model) -> str:
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {str(param.dtype).removeprefix('torch.')}"
 
 
+def measure(kind: str, env_id: str, batch: int, max_new_tokens: int, kl_coef: float, device: str, repeats: int,
+            reference=None) -> float:
+    """Tokens/s of one way of rolling out: ``"env"`` (:func:`env_rollout_tokens_per_s`), ``"usual"``
+    (:func:`generate_tokens_per_s`) or ``"bare"`` (:func:`bare_tokens_per_s`)."""
+    if kind == "env":
+        return env_rollout_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, steps=repeats * max_new_tokens,
+                                        reference=reference)
+    if kind == "usual":
+        return generate_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats, reference=reference)
+    if kind == "bare":
+        return bare_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats, reference=reference)
+    raise ValueError(f"unknown measurement {kind!r}; use env, usual or bare.")
+
+
+def measure_in_fresh_process(spec: dict, timeout: float = 1800.0) -> dict:
+    """:func:`measure` of ``spec`` (its keywords, with ``reference`` / ``dtype`` as for
+    :func:`load_reference`) in a new Python process: ``{"tokens_per_s", "threads"}``. A process's
+    history (what it allocated before, where its memory lies) moves one way's speed by up to ~10% on
+    the CPU, so isolated measurements sample that spread instead of carrying one process's luck."""
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "rlhfgym.zoo.bench", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"the measurement {shlex.join(cmd)} failed (exit status {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure_spec(spec: dict) -> dict:
+    """What a fresh process of :func:`measure_in_fresh_process` runs and prints."""
+    import rlhfgym.envs  # noqa: F401  (registers the ids)
+
+    spec = dict(spec)
+    reference = load_reference(spec.pop("reference", None), spec.pop("dtype", None))
+    rate = measure(**spec, reference=reference)
+    return {"tokens_per_s": rate, "threads": torch.get_num_threads()}
+
+
 def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens: int = 32, device: str = "cpu",
-              repeats: int = 3, rounds: int = 1, reference: str | None = None, dtype: str | None = None) -> list[dict]:
+              repeats: int = 3, rounds: int = 1, reference: str | None = None, dtype: str | None = None,
+              isolate: bool = False) -> list[dict]:
     """Print (and return) tokens/s of env rollouts vs generate (+ reference pass + RM) and vs bare
     KV-cached decoding of the same policy + reference + RM (:func:`bare_tokens_per_s`), for kl_coef
     0.05 and 0. Each cell is the median of ``rounds`` interleaved measurements (generate, env, bare,
-    generate, ...), each over ``repeats`` batches. ``reference`` / ``dtype``: the policy (which is
-    also the reference) to run instead of the micro world's SFT model (:func:`load_reference`); the
+    generate, ...), each over ``repeats`` batches; with ``isolate`` each measurement runs in a fresh
+    process (:func:`measure_in_fresh_process`). ``reference`` / ``dtype``: the policy (which is also
+    the reference) to run instead of the micro world's SFT model (:func:`load_reference`); the
     reward model stays the env's."""
     import statistics
 
     import rlhfgym.envs  # noqa: F401  (registers the ids)
 
-    model = load_reference(reference, dtype)
+    model = None if isolate else load_reference(reference, dtype)
+    threads = set()
+
+    def one(kind: str, kl_coef: float) -> float:
+        spec = {"kind": kind, "env_id": env_id, "batch": batch, "max_new_tokens": max_new_tokens, "kl_coef": kl_coef,
+                "device": device, "repeats": repeats}
+        if not isolate:
+            rate = measure(**spec, reference=model)
+            threads.add(torch.get_num_threads())
+            return rate
+        out = measure_in_fresh_process({**spec, "reference": reference, "dtype": dtype})
+        threads.add(out["threads"])
+        return out["tokens_per_s"]
+
     rows = []
     for kl_coef in (0.05, 0.0):
-        usual, env, bare = [], [], []
+        runs = {"env": [], "usual": [], "bare": []}
         for _ in range(rounds):
-            usual.append(generate_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats, reference=model))
-            env.append(env_rollout_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device,
-                                                steps=repeats * max_new_tokens, reference=model))
-            bare.append(bare_tokens_per_s(env_id, batch, max_new_tokens, kl_coef, device, repeats, reference=model))
-        e, u, b = statistics.median(env), statistics.median(usual), statistics.median(bare)
+            for kind in ("usual", "env", "bare"):
+                runs[kind].append(one(kind, kl_coef))
+        e, u, b = (statistics.median(runs[k]) for k in ("env", "usual", "bare"))
         rows.append({"kl_coef": kl_coef, "env_tokens_per_s": e, "usual_tokens_per_s": u, "bare_tokens_per_s": b,
-                     "ratio": e / u, "env_over_bare": e / b, "rounds": rounds,
-                     "runs": {"env": env, "usual": usual, "bare": bare}})
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name()
-    policy = describe_model(model if model is not None else load_reference(dtype="float32"))
+                     "ratio": e / u, "env_over_bare": e / b, "rounds": rounds, "isolated": isolate, "runs": runs})
+    machine = (f"{platform.machine()}, {'/'.join(map(str, sorted(threads)))} threads" if device == "cpu"
+               else torch.cuda.get_device_name(device))
+    policy = describe_model(model if model is not None else load_reference(reference, dtype or "float32"))
+    where = "each in a fresh process" if isolate else "in this process"
     print(f"rlhf-zoo bench env — {env_id}, batch {batch}, max_new_tokens {max_new_tokens}, device {device} ({machine}), "
-          f"policy = reference {reference or 'micro SFT'} ({policy}), {date.today()}, median of {rounds} interleaved round(s)")
+          f"policy = reference {reference or 'micro SFT'} ({policy}), {date.today()}, median of {rounds} interleaved "
+          f"round(s), {where}")
     print("| kl_coef | env rollout (tokens/s) | usual way (tokens/s) | ratio | bare KV-cached decoding (tokens/s) | env / bare |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -424,3 +481,10 @@ def _race_ppo(env_id: str, venv, model, minutes: float) -> list[dict]:
         gain = (r["gold_after"] - r["gold_before"]) / (r["seconds"] / 60)
         print(f"| {r['agent']} | {r['seconds']:.0f} | {r['gold_before']:.3f} | {r['gold_after']:.3f} | {gain:+.3f} |")
     return rows
+
+
+if __name__ == "__main__":  # one isolated measurement of bench_env (measure_in_fresh_process)
+    import json
+    import sys
+
+    print(json.dumps(_measure_spec(json.loads(sys.argv[1]))))

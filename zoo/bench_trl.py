@@ -878,11 +878,13 @@ def hasattr_ppo(python: str) -> bool:
 
 
 def bench_env_pair(rounds: int, device: str = "cpu", reference: str | None = None) -> dict[str, Any]:
-    """The env-rollout pair: ``rlhf-zoo bench env`` (env vs generate + ref + RM, and bare KV-cached decoding)."""
+    """The env-rollout pair: ``rlhf-zoo bench env`` (env vs generate + ref + RM, and bare KV-cached decoding),
+    each measurement in a fresh process, as each training run is."""
     from rlhfgym.zoo.bench import bench_env
 
     batch, max_new = 64, 32
-    rows = bench_env(batch=batch, max_new_tokens=max_new, repeats=3, rounds=rounds, device=device, reference=reference)
+    rows = bench_env(batch=batch, max_new_tokens=max_new, repeats=3, rounds=rounds, device=device, reference=reference,
+                     isolate=True)
     return {"batch": batch, "max_new_tokens": max_new, "rounds": rounds, "rows": rows}
 
 

@@ -320,6 +320,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                           "(e.g. one made by `rlhf-zoo bench policy`; it must use the micro tokenizer)")
     env.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="load the policy/reference in this dtype (default: float32)")
+    env.add_argument("--rounds", type=positive_int, default=1,
+                     help="interleaved rounds (generate, env, bare, generate, ...), median shown (default: 1)")
+    env.add_argument("--isolate", action="store_true",
+                     help="run each measurement in a fresh process (a process's history moves a CPU measurement by ~10%%)")
     env.set_defaults(bench=_bench_env)
     threads = targets.add_parser(
         "threads", help="env.step calls/s by torch thread count, as the machine is and with one more core busy",
@@ -380,8 +384,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench_env(args: argparse.Namespace) -> Any:
     bench_env = load_impl("rlhfgym.zoo.bench", "bench_env")
     extra = {k: v for k, v in (("reference", args.reference), ("dtype", args.dtype)) if v is not None}
-    return [bench_env(batch=b, max_new_tokens=args.max_new_tokens, device=args.device, repeats=args.repeats, **extra)
-            for b in args.batch]
+    return [bench_env(batch=b, max_new_tokens=args.max_new_tokens, device=args.device, repeats=args.repeats,
+                      rounds=args.rounds, isolate=args.isolate, **extra) for b in args.batch]
 
 
 def _bench_rollout(args: argparse.Namespace) -> Any:
