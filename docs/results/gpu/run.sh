@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 13's GPU checks in one call of the device tool (one H200, ~8 minutes of its 10-minute limit).
+# Issue 13's GPU checks in one call of the device tool (one H200, ~9 minutes of its 10-minute limit).
 #
 #   1. here, once (needs pip and the network):    bash docs/results/gpu/run.sh fetch
 #      saves into .whl/ (git-ignored) the wheels the GPU image lacks: rlhf-gym's own dependencies
 #      that are not in the image, trl 1.16.0 (rloo, dpo, reward) and trl 1.12.0 (ppo)
 #   2. the device tool:  run(command="bash docs/results/gpu/run.sh", carry=[".whl"], timeout_s=600)
+#      (`run.sh env` or `run.sh trl` runs one half, e.g. to redo it in a second call)
 #
 # On the GPU machine it installs the wheels and rlhf-gym into /tmp (nothing can be downloaded there),
 # then writes under $OUT (each step bounded by `timeout`, so a slow step leaves time for the next):
@@ -23,7 +24,9 @@ cd "$(dirname "$0")/../../.."
 
 WHEELS=(gymnasium==1.4.0 farama-notifications==0.0.6 stable-baselines3==2.9.2 dill==0.4.1 multiprocess==0.70.19
         datasets==5.2.0 datasets==5.0.0 trl==1.16.0)
-if [ "${1:-}" = fetch ]; then
+PART=${1:-all}
+case "$PART" in all|env|trl|fetch) ;; *) echo "usage: run.sh [fetch|all|env|trl]"; exit 2 ;; esac
+if [ "$PART" = fetch ]; then
     mkdir -p .whl  # git-ignored (.gitignore)
     get() { python3 -m pip download --no-deps --only-binary=:all: --python-version "${WHEEL_PY:-3.12}" --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$@"; }
@@ -61,10 +64,14 @@ gymnasium.__version__, 'trl', trl.__version__)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-zoo bench policy "$BIG" --out "/tmp/$BIG" || exit 1
-timeout 150 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 | tee "$OUT/env-sft.txt"
-timeout 150 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 \
-    --reference "/tmp/$BIG" --dtype bfloat16 | tee "$OUT/env-${BIG#llama-}.txt"
-timeout 250 $PY -m rlhfgym.zoo.cli bench trl --device "$DEVICE" --policy "$MID" --pair rloo,dpo,reward,ppo --repeats 1 \
-    --timeout 120 --trl-ppo-python /tmp/python-trl112 --out "$OUT/trl" $UPDATES
+if [ "$PART" != trl ]; then  # ~4 minutes
+    zoo bench policy "$BIG" --out "/tmp/$BIG" || exit 1
+    timeout 100 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 | tee "$OUT/env-sft.txt"
+    timeout 130 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 \
+        --reference "/tmp/$BIG" --dtype bfloat16 | tee "$OUT/env-${BIG#llama-}.txt"
+fi
+if [ "$PART" != env ]; then  # ~5 minutes; the report is rewritten after every pair, so a cut run keeps its pairs
+    timeout 300 $PY -m rlhfgym.zoo.cli bench trl --device "$DEVICE" --policy "$MID" --pair rloo,dpo,reward,ppo \
+        --repeats 1 --timeout 120 --trl-ppo-python /tmp/python-trl112 --out "$OUT/trl" $UPDATES
+fi
 echo "done: $(date -u)"
