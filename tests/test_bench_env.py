@@ -33,7 +33,7 @@ def test_bench_env_runs_the_given_policy(tiny, capsys):
     assert f"policy = reference {tiny} (0.1M parameters, bfloat16)" in header
 
 
-def test_isolated_measurements_run_in_fresh_processes(tiny, monkeypatch):
+def test_isolated_measurements_run_in_fresh_processes(tiny, monkeypatch, capsys):
     seen = []
     real = bench.measure_in_fresh_process
 
@@ -46,6 +46,7 @@ def test_isolated_measurements_run_in_fresh_processes(tiny, monkeypatch):
     assert len(seen) == 6 and {s["kind"] for s in seen} == {"env", "usual", "bare"}
     assert all(s["reference"] == str(tiny) for s in seen) and rows[0]["isolated"]
     assert all(r["env_tokens_per_s"] > 0 for r in rows)
+    assert f"policy = reference {tiny} (0.1M parameters, float32)" in capsys.readouterr().out  # as the processes loaded it
     with pytest.raises(RuntimeError, match="unknown measurement 'warp'"):
         real({"kind": "warp", "env_id": "RLHF-Summarize-v0", "batch": 4, "max_new_tokens": 4, "kl_coef": 0.0,
               "device": "cpu", "repeats": 1})

@@ -197,8 +197,9 @@ def _reference_kwargs(reference) -> dict:
     return {} if reference is None else {"reference": reference}
 
 
-def describe_model(model) -> str:
-    """``"<n>M parameters, <dtype>"`` of a model."""
+def describe_model(model=None) -> str:
+    """``"<n>M parameters, <dtype>"`` of a model (None: the micro world's SFT model, as the env loads it)."""
+    model = model if model is not None else load_reference(dtype="float32")
     param = next(model.parameters())
     return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {str(param.dtype).removeprefix('torch.')}"
 
@@ -219,7 +220,8 @@ def measure(kind: str, env_id: str, batch: int, max_new_tokens: int, kl_coef: fl
 
 def measure_in_fresh_process(spec: dict, timeout: float = 1800.0) -> dict:
     """:func:`measure` of ``spec`` (its keywords, with ``reference`` / ``dtype`` as for
-    :func:`load_reference`) in a new Python process: ``{"tokens_per_s", "threads"}``. A process's
+    :func:`load_reference`) in a new Python process: ``{"tokens_per_s", "threads", "policy"}``
+    (``policy``: :func:`describe_model` of what it ran). A process's
     history (what it allocated before, where its memory lies) moves one way's speed by up to ~10% on
     the CPU, so isolated measurements sample that spread instead of carrying one process's luck."""
     import json
@@ -242,7 +244,7 @@ def _measure_spec(spec: dict) -> dict:
     spec = dict(spec)
     reference = load_reference(spec.pop("reference", None), spec.pop("dtype", None))
     rate = measure(**spec, reference=reference)
-    return {"tokens_per_s": rate, "threads": torch.get_num_threads()}
+    return {"tokens_per_s": rate, "threads": torch.get_num_threads(), "policy": describe_model(reference)}
 
 
 def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens: int = 32, device: str = "cpu",
@@ -261,6 +263,7 @@ def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens
 
     model = None if isolate else load_reference(reference, dtype)
     threads = set()
+    policies = set() if isolate else {describe_model(model)}  # isolated: the processes that loaded it say
 
     def one(kind: str, kl_coef: float) -> float:
         spec = {"kind": kind, "env_id": env_id, "batch": batch, "max_new_tokens": max_new_tokens, "kl_coef": kl_coef,
@@ -271,6 +274,7 @@ def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens
             return rate
         out = measure_in_fresh_process({**spec, "reference": reference, "dtype": dtype})
         threads.add(out["threads"])
+        policies.add(out["policy"])
         return out["tokens_per_s"]
 
     rows = []
@@ -284,7 +288,7 @@ def bench_env(env_id: str = "RLHF-Summarize-v0", batch: int = 64, max_new_tokens
                      "ratio": e / u, "env_over_bare": e / b, "rounds": rounds, "isolated": isolate, "runs": runs})
     machine = (f"{platform.machine()}, {'/'.join(map(str, sorted(threads)))} threads" if device == "cpu"
                else torch.cuda.get_device_name(device))
-    policy = describe_model(model if model is not None else load_reference(reference, dtype or "float32"))
+    policy = "; ".join(sorted(policies))
     where = "each in a fresh process" if isolate else "in this process"
     print(f"rlhf-zoo bench env — {env_id}, batch {batch}, max_new_tokens {max_new_tokens}, device {device} ({machine}), "
           f"policy = reference {reference or 'micro SFT'} ({policy}), {date.today()}, median of {rounds} interleaved "
