@@ -48,16 +48,27 @@ class Agent(ABC):
 
     ``callback(agent, metrics: dict) -> bool | None`` is called after each update; returning
     ``False`` stops training early.
+
+    ``precision`` (``"float32"`` or ``"bfloat16"``) is how the policy's forward passes compute: in
+    bfloat16 under ``torch.autocast`` (weights, gradients and optimizer state stay float32; TRL's
+    ``bf16=True``), or in float32. It is a hyperparameter like the others (``--hp precision=bfloat16``).
     """
 
     name: str = "agent"
 
-    def __init__(self, policy=None, *, device: str = "cpu", seed: int = 0, **config: Any):
+    def __init__(self, policy=None, *, device: str = "cpu", seed: int = 0, precision: str = "float32", **config: Any):
+        from rlhfgym.envs.hf import precision_dtype
+
+        try:
+            self._autocast_dtype = precision_dtype(precision)
+        except ValueError as e:
+            raise AgentError(f"{self.name}: {e}") from None
         self.policy = policy
         self.device = device
         self.seed = int(seed)
-        self.config: dict[str, Any] = {"device": device, "seed": self.seed, **config}
+        self.config: dict[str, Any] = {"device": device, "seed": self.seed, "precision": precision, **config}
         self.spent = 0  # completions sampled or consumed so far
+        self.train_seconds = 0.0  # wall seconds in learn() so far, over resumes (kept by TrainingRun)
 
     # ------------------------------------------------------------------ learning
     @abstractmethod
@@ -73,7 +84,12 @@ class Agent(ABC):
 
             self.policy = CausalLMPolicy.from_env(env, device=self.device, **from_env)
         check_policy_env(self, self.policy, env)
+        self._set_precision()
         return self.policy
+
+    def _set_precision(self) -> None:
+        if hasattr(self.policy, "autocast_dtype"):  # a CausalLMPolicy (a custom agent's policy may be anything)
+            self.policy.autocast_dtype = self._autocast_dtype
 
     def check_budget(self, budget: int) -> int:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
@@ -107,7 +123,7 @@ class Agent(ABC):
                 self.policy.save(Path(tmp) / "policy")
             self.save_extra(Path(tmp))
             meta = {"format": FORMAT_VERSION, "agent": self.name, "spent": self.spent, "config": self.config,
-                    "files": _file_digests(Path(tmp))}
+                    "train_seconds": round(float(self.train_seconds), 3), "files": _file_digests(Path(tmp))}
             atomic_write_text(Path(tmp) / CONFIG_FILE, json.dumps(meta, indent=2))
         return directory
 
@@ -152,6 +168,8 @@ class Agent(ABC):
         elif meta.get("format") == 1 and spent > 0:  # format 2 lists the policy's files: verify_agent_files said it
             raise AgentError(f"{directory} has trained {spent} completions but its policy/ is missing; {_fix(directory)}")
         self.spent = spent
+        self.train_seconds = float(meta.get("train_seconds", 0.0))  # absent before it was recorded
+        self._set_precision()
         self.load_extra(directory)
         return meta
 

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlhfgym.envs.hf import PRECISIONS
+
 from .base import CONFIG_FILE, Agent, AgentError, read_agent_config
 from .policy import Rollout
 
@@ -91,6 +93,8 @@ class AgentConfig:
 
     device: str = "cpu"
     seed: int = 0
+    #: how the policy's forward passes compute (:class:`~rlhfgym.agents.base.Agent`): float32, or bfloat16 autocast
+    precision: str = param("float32", choices=tuple(PRECISIONS))
 
     def check(self, agent: str) -> None:
         """Rules between fields; raise :class:`AgentError` naming the parameters and the fix."""
@@ -415,7 +419,8 @@ class EnvSampler:
 
         def start_sampler(prompt_ids):
             return TokenSampler(model, prompt_ids, max_new_tokens=t_max, window=envs.core.window,
-                                vocab_size=len(policy.tokenizer), temperature=temperature, mixture=mixture)
+                                vocab_size=len(policy.tokenizer), temperature=temperature, mixture=mixture,
+                                autocast_dtype=policy.autocast_dtype)
 
         # the policy reads the prompts (its prefill) while the env resets (the reference's prefill)
         mine = policy.encode_prompts(prompts)
@@ -673,7 +678,7 @@ class TrainingRun:
         self.log_dir, self.progress_bar = log_dir, progress_bar
         self._writer = self._bar = None
         self._last_saved = agent.spent
-        self._last_save_time = time.monotonic()
+        self._last_save_time = self._clock = time.monotonic()
         self.stopped = False
 
     def resume(self) -> bool:
@@ -691,8 +696,9 @@ class TrainingRun:
         meta = read_agent_config(ckpt)
         if meta["agent"] != agent.name:
             raise AgentError(f"{ckpt} holds a {meta['agent']!r} checkpoint, not {agent.name!r}; use another checkpoint_dir.")
-        changed = sorted(k for k in set(meta["config"]) | set(agent.config)
-                         if k != "device" and meta["config"].get(k) != agent.config.get(k))
+        saved = {"precision": "float32", **meta["config"]}  # checkpoints made before precision existed were float32
+        changed = sorted(k for k in set(saved) | set(agent.config)
+                         if k != "device" and saved.get(k) != agent.config.get(k))
         if changed:
             warnings.warn(f"{agent.name}: resuming {ckpt} with changed hyperparameters {changed}; the new values apply.",
                           stacklevel=3)
@@ -701,8 +707,9 @@ class TrainingRun:
                 and not (ckpt / TRAIN_STATE_FILE).exists()):  # format 2 lists it: restore() checks
             raise AgentError(f"{ckpt} has trained {spent} completions but holds no {TRAIN_STATE_FILE} (the optimizer and "
                              f"random state), so the run cannot continue exactly; {_delete_hint(ckpt)}.")
-        agent.restore(ckpt, meta)
+        agent.restore(ckpt, meta)  # agent.train_seconds: the earlier sessions' time
         self._last_saved = agent.spent
+        self._clock = time.monotonic()
         return True
 
     @property
@@ -741,14 +748,23 @@ class TrainingRun:
             self.stopped = True
         return not self.stopped
 
+    def _count_time(self) -> None:
+        """Add the wall time since the last count to ``agent.train_seconds`` (saved with the agent, so
+        a resumed run's total includes the sessions before it)."""
+        now = time.monotonic()
+        self.agent.train_seconds += now - self._clock
+        self._clock = now
+
     def save(self) -> None:
         if self.checkpoint_dir is not None:
+            self._count_time()
             self.agent.save(self.checkpoint_dir)
             self._last_saved = self.agent.spent
             self._last_save_time = time.monotonic()
 
     def close(self, save: bool = True) -> None:
         """Final checkpoint (also after a callback stop, so an early stop is kept), flush logs."""
+        self._count_time()
         if save and self._last_saved != self.agent.spent:
             self.save()
         if self._writer is not None:

@@ -249,7 +249,8 @@ class NashMD(TrainingAgent):
         if self._opp is None:
             self._opp = CausalLMPolicy(copy.deepcopy(self.policy.model), self.policy.tokenizer,
                                        max_prompt_tokens=self.policy.max_prompt_tokens,
-                                       max_new_tokens=self.policy.max_new_tokens, device=self.policy.device)
+                                       max_new_tokens=self.policy.max_new_tokens, device=self.policy.device,
+                                       autocast_dtype=self.policy.autocast_dtype)
             self._opp.requires_grad_(False)
             if kind == "ema":
                 self._opp.model.load_state_dict(st["ema"])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhfgym.envs.hf import cached_forward, position_ids, quiet_transformers
+from rlhfgym.envs.hf import cached_forward, mixed_precision, position_ids, quiet_transformers
 from rlhfgym.envs.evaluation import Samples
 from rlhfgym.envs.lm import (
     SharedPrefixes,
@@ -51,11 +51,15 @@ class CausalLMPolicy(nn.Module):
         value_head: add a ``Linear(hidden, 1)`` value head on the last hidden state (PPO).
         max_prompt_tokens / max_new_tokens: the env's window; prompts keep their last tokens.
         device: where the model lives.
+        autocast_dtype: mixed precision of its forward passes (``torch.bfloat16``: matrix products in
+            bfloat16 under ``torch.autocast``, weights, gradients and optimizer state in float32);
+            ``None``: the weights' own dtype. An agent sets it from its ``precision`` hyperparameter.
     """
 
     def __init__(self, model, tokenizer, *, value_head: bool = False, max_prompt_tokens: int = 96,
-                 max_new_tokens: int = 32, device: str | torch.device = "cpu"):
+                 max_new_tokens: int = 32, device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None):
         super().__init__()
+        self.autocast_dtype = autocast_dtype
         if tokenizer.eos_token_id is None:
             raise ValueError("the policy's tokenizer has no eos_token; set tokenizer.eos_token first.")
         if model_vocab_size(model) < len(tokenizer):
@@ -138,6 +142,11 @@ class CausalLMPolicy(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def autocast(self):
+        """The context every forward pass of this policy runs in (:attr:`autocast_dtype`, see
+        :func:`rlhfgym.envs.hf.mixed_precision`)."""
+        return mixed_precision(self.device, self.autocast_dtype)
+
     # ------------------------------------------------------------------ encoding
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt, keeping the last ``max_prompt_tokens`` (as the env does)."""
@@ -175,6 +184,7 @@ class CausalLMPolicy(nn.Module):
         tokens, mask, logps, done = sample_tokens(
             self.model, prompt_ids, max_new_tokens=t_max, window=self.max_prompt_tokens + t_max, eos_id=self.eos_id,
             pad_id=self.pad_id, vocab_size=len(self.tokenizer), temperature=temperature, mixture=mixture,
+            autocast_dtype=self.autocast_dtype,
         )
         # decoded as the env decodes an episode (rlhfgym.envs.lm: special tokens dropped, spaces kept)
         texts = decode_completions(self.tokenizer, [row[: int(n)] for row, n in zip(tokens.tolist(), mask.sum(1).tolist())])
@@ -208,12 +218,14 @@ class CausalLMPolicy(nn.Module):
         ids, att, p = self.batch(prompt_ids, tokens, mask)
         net = model if model is not None else self.model
         first, copies = distinct_rows(ids[:, :p], att[:, :p])
-        if len(first) < len(prompt_ids):
-            logits, hidden = self._shared_prompt_forward(net, ids, att, p, first, copies, with_values)
-        else:
-            out = net(input_ids=ids, attention_mask=att, position_ids=position_ids(att), output_hidden_states=with_values)
-            logits = out.logits[:, p - 1:-1]
-            hidden = out.hidden_states[-1][:, p - 1:-1] if with_values else None
+        with self.autocast():
+            if len(first) < len(prompt_ids):
+                logits, hidden = self._shared_prompt_forward(net, ids, att, p, first, copies, with_values)
+            else:
+                out = net(input_ids=ids, attention_mask=att, position_ids=position_ids(att), output_hidden_states=with_values)
+                logits = out.logits[:, p - 1:-1]
+                hidden = out.hidden_states[-1][:, p - 1:-1] if with_values else None
+        # log-softmax and the value head in float32, whatever the forward pass computed in
         logits = logits.float()[..., : len(self.tokenizer)] / max(temperature, 1e-6)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens.to(self.device)[..., None]).squeeze(-1)
         logp = logp * mask.to(self.device)
@@ -261,7 +273,8 @@ class CausalLMPolicy(nn.Module):
         single = ids.dim() == 1
         if single:
             ids, att = ids[None], att[None]
-        logits = self.model(input_ids=ids, attention_mask=att, position_ids=position_ids(att)).logits[:, -1]
+        with self.autocast():
+            logits = self.model(input_ids=ids, attention_mask=att, position_ids=position_ids(att)).logits[:, -1]
         logits = logits.float()[:, : len(self.tokenizer)]
         act = logits.argmax(-1) if deterministic else torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
         if isinstance(obs["input_ids"], torch.Tensor):

@@ -461,7 +461,7 @@ class PPO(TrainingAgent):
         """Fit the value head alone (linear regression on frozen last hidden states) to ``targets``."""
         policy = self.policy
         ids, att, p = policy.batch(roll.prompt_ids, roll.tokens, roll.mask)
-        with torch.no_grad():
+        with torch.no_grad(), policy.autocast():
             out = policy.model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), output_hidden_states=True)
             hidden = out.hidden_states[-1][:, p - 1:-1].float()
         opt = torch.optim.Adam(policy.value_head.parameters(), lr=1e-2)

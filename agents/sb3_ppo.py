@@ -192,6 +192,9 @@ class SB3PPO(TrainingAgent):
         split: str = param("train", choices=SPLITS)
 
         def check(self, agent: str) -> None:
+            if self.precision != "float32":
+                raise AgentError(f"{agent}: precision={self.precision!r} is not supported: Stable-Baselines3 computes its "
+                                 "policy in float32; use precision='float32' (or the built-in ppo).")
             rollout = self.n_steps * self.num_envs
             if self.batch_size > rollout:
                 raise AgentError(f"{agent}: batch_size must be an int <= n_steps * num_envs = {self.n_steps} * "

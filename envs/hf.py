@@ -12,6 +12,10 @@ weights" bars and load reports) so ``gym.make`` prints nothing the user did not 
 :func:`choose_cpu_threads` picks torch's intra-op thread count for small models on the CPU (one
 thread), because torch's default (one thread a core) makes a small model's step 6-60x slower as
 soon as another process uses a core (``rlhf-zoo bench threads`` measures it).
+
+:func:`mixed_precision` is the one way a forward pass runs in lower precision: ``torch.autocast``
+(matrix products in bfloat16, weights and optimizer state kept in their own dtype), as TRL's
+``bf16=True`` does through accelerate.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from functools import lru_cache
 import torch
 
 __all__ = ["cached_forward", "cache_argument", "quiet_transformers", "resolve_device", "position_ids",
-           "choose_cpu_threads", "threads_at_import", "SMALL_MODEL_PARAMETERS", "THREADS_VARIABLE"]
+           "choose_cpu_threads", "threads_at_import", "SMALL_MODEL_PARAMETERS", "THREADS_VARIABLE",
+           "PRECISIONS", "mixed_precision", "precision_dtype"]
+
+#: an agent's ``precision`` setting -> the dtype its forward passes autocast to (None: no autocast)
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 @lru_cache(maxsize=None)
@@ -90,6 +98,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"device={str(device)!r} was requested but MPS is not available here; use device='cpu'.")
     return dev
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a ``precision`` name (``None`` for ``"float32"``); a clear error otherwise."""
+    if precision not in PRECISIONS:
+        hint = (" float16 needs loss scaling, which rlhf-gym does not do; use bfloat16 (CPUs and Ampere or newer GPUs)."
+                if precision == "float16" else "")
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.{hint}")
+    return PRECISIONS[precision]
+
+
+def mixed_precision(device: str | torch.device, dtype: torch.dtype | None, *, cache: bool = True):
+    """A context in which forward passes on ``device`` autocast to ``dtype`` (matrix products and
+    attention in that dtype, reductions such as softmax in float32, weights untouched); no change when
+    ``dtype`` is None or float32. Autocast is thread-local: enter it in the thread that runs the model.
+    ``cache=False`` recasts the weights at every use instead of keeping the casts for the block, which
+    a CUDA graph captured inside the block needs (the cached casts would be freed when it ends)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

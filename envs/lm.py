@@ -48,7 +48,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .hf import cached_forward, position_ids
+from .hf import cached_forward, mixed_precision, position_ids
 
 __all__ = [
     "IncrementalLM",
@@ -609,20 +609,25 @@ class TokenSampler:
             ``attention_mask`` (e.g. the token env's observations).
         window: the longest context a row needs (prompt + generated tokens).
         mixture: optional hook (see :func:`sample_tokens`); it gets ``prompt_ids`` as lists.
+        autocast_dtype: run the model's forward passes under :func:`~rlhfgym.envs.hf.mixed_precision`
+            to this dtype (e.g. ``torch.bfloat16``); ``None``: in the weights' own dtype.
     """
 
     def __init__(self, model: torch.nn.Module, prompt_ids, *, max_new_tokens: int, window: int, vocab_size: int,
-                 temperature: float = 1.0, mixture=None, attention_mask: torch.Tensor | None = None):
+                 temperature: float = 1.0, mixture=None, attention_mask: torch.Tensor | None = None,
+                 autocast_dtype: torch.dtype | None = None):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
         self.temperature, self.vocab_size = float(temperature), int(vocab_size)
+        self.autocast_dtype = autocast_dtype
         b = len(prompt_ids)
-        self.lm = IncrementalLM(model, b, window)
-        self.logits = self.lm.reset_rows(range(b), prompt_ids, attention_mask)
-        if mixture is not None and isinstance(prompt_ids, torch.Tensor):
-            mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask
-            prompt_ids = [row[m.bool()].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]
-        self.mixture = mixture.start(prompt_ids, int(max_new_tokens)) if mixture is not None else None
+        with self._precision(model):  # the cache (and a CUDA graph) is made in the dtype the steps compute in
+            self.lm = IncrementalLM(model, b, window)
+            self.logits = self.lm.reset_rows(range(b), prompt_ids, attention_mask)
+            if mixture is not None and isinstance(prompt_ids, torch.Tensor):
+                mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask
+                prompt_ids = [row[m.bool()].tolist() for row, m in zip(prompt_ids.cpu(), mask.cpu())]
+            self.mixture = mixture.start(prompt_ids, int(max_new_tokens)) if mixture is not None else None
 
     @torch.no_grad()
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -633,23 +638,29 @@ class TokenSampler:
         tok = logp.argmax(-1) if self.temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
+    def _precision(self, model):
+        # entered per call, in the calling thread (autocast is thread-local; an agent may step in a worker)
+        return mixed_precision(next(model.parameters()).device, self.autocast_dtype, cache=False)
+
     def advance(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
         """Feed the drawn tokens back (rows where ``active`` is False keep their context)."""
-        self.logits = self.lm.step(tokens, active=active)
-        if self.mixture is not None:
-            self.mixture.step(tokens, active)
+        with self._precision(self.lm.model):
+            self.logits = self.lm.step(tokens, active=active)
+            if self.mixture is not None:
+                self.mixture.step(tokens, active)
 
 
 @torch.no_grad()
 def sample_tokens(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, window: int,
-                  eos_id: int, pad_id: int, vocab_size: int, temperature: float = 1.0, mixture=None):
+                  eos_id: int, pad_id: int, vocab_size: int, temperature: float = 1.0, mixture=None,
+                  autocast_dtype: torch.dtype | None = None):
     """Sample one completion per prompt token by token with a :class:`TokenSampler` (all rows in
     one batch; greedy when ``temperature == 0``). A row stops after its EOS; its later columns hold
     ``pad_id``. ``mixture`` (optional) changes the distribution sampled from:
     ``mixture.start(prompt_ids, max_new_tokens)`` returns a stepper whose ``mix(logp) -> logp`` maps
     the model's (B, V) log-probs to the sampled ones and whose ``step(tokens, active)`` sees every
     sampled token (Nash-MD's geometric mixture with pi_ref). The model is put in eval mode while
-    sampling and given back in the mode it was in.
+    sampling and given back in the mode it was in. ``autocast_dtype``: as for :class:`TokenSampler`.
 
     Returns ``(tokens, mask, logprobs, done)``: ``(B, max_new_tokens)`` ids, 1 on sampled tokens (EOS
     included), their log-probabilities under the sampled distribution, and ``(B,)`` whether the row
@@ -660,7 +671,7 @@ def sample_tokens(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *
     was_training = model.training
     model.eval()
     sampler = TokenSampler(model, prompt_ids, max_new_tokens=t_max, window=window, vocab_size=vocab_size,
-                           temperature=temperature, mixture=mixture)
+                           temperature=temperature, mixture=mixture, autocast_dtype=autocast_dtype)
     tokens = torch.full((b, t_max), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(b, t_max, device=device)
     mask = torch.zeros(b, t_max, dtype=torch.long, device=device)

@@ -7,6 +7,7 @@ prompts (same prompts, same sampling seed); the margins are several standard err
 from __future__ import annotations
 
 import json
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -392,6 +393,27 @@ def test_resume_after_a_stop_continues_exactly(env, tmp_path, algo):
     assert_same_params(resumed.policy, straight.policy)  # same prompts, samples, optimizer state
     again = agents.make(algo, **kw).learn(env, budget, checkpoint_dir=tmp_path / "ckpt", progress_bar=False)
     assert again.spent == budget  # already done: nothing more is spent
+
+
+def test_training_time_adds_up_over_resumes(env, tmp_path):
+    """``agent.train_seconds`` counts learn()'s wall time over every session of a run (saved in the
+    checkpoint), not only the last one's."""
+    def slow(stop_at=None):
+        def callback(agent, metrics):
+            time.sleep(0.3)
+            return stop_at is None or metrics["spent"] < stop_at
+        return callback
+
+    kw, ckpt = dict(batch_size=4, seed=2), tmp_path / "ckpt"
+    Reinforce(**kw).learn(env, 12, callback=slow(stop_at=4), checkpoint_dir=ckpt, progress_bar=False)
+    first = json.loads((ckpt / "agent.json").read_text())["train_seconds"]
+    assert first >= 0.3
+    t0 = time.monotonic()
+    resumed = Reinforce(**kw).learn(env, 12, callback=slow(), checkpoint_dir=ckpt, progress_bar=False)
+    second = time.monotonic() - t0
+    assert resumed.train_seconds >= first + 0.6 and resumed.train_seconds > second
+    assert json.loads((ckpt / "agent.json").read_text())["train_seconds"] == pytest.approx(resumed.train_seconds, abs=1e-3)
+    assert agents.load(ckpt).train_seconds == pytest.approx(resumed.train_seconds, abs=1e-3)
 
 
 def test_crash_resumes_from_the_last_checkpoint(env, tmp_path):

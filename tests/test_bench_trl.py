@@ -18,9 +18,10 @@ from rlhfgym.zoo import bench_trl as bt
 
 @pytest.mark.parametrize("pair", bt.PAIRS)
 def test_both_sides_get_the_same_settings(pair):
-    for overrides in ({}, {"updates": 3, "seed": 5}):
+    for overrides in ({}, {"updates": 3, "seed": 5}, {"dtype": "bfloat16"}):
         view = bt.shared_view(bt.default_settings(pair, **overrides))
         assert view["ours"] == view["trl"], pair
+        assert view["ours"]["precision"] == overrides.get("dtype", "float32")
 
 
 def test_shared_view_catches_a_side_that_drifts(monkeypatch):
@@ -41,6 +42,16 @@ def test_cpu_float32_and_no_checkpointing_on_the_trl_side():
         trl = bt.side_settings(bt.default_settings(pair))["trl"]
         assert trl["bf16"] is False and trl["fp16"] is False
         assert trl["gradient_checkpointing"] is False and trl["use_cpu"] is True
+
+
+def test_bfloat16_is_autocast_on_both_sides():
+    for pair in bt.PAIRS:
+        sides = bt.side_settings(bt.default_settings(pair, dtype="bfloat16"))
+        assert sides["trl"]["bf16"] is True and sides["trl"]["fp16"] is False
+        assert sides["ours"]["precision"] == "bfloat16"
+    from rlhfgym.agents import make  # our side's arguments are valid agent settings
+
+    assert make("rloo", **bt.side_settings(bt.default_settings("rloo", dtype="bfloat16"))["ours"]).config["precision"] == "bfloat16"
 
 
 def test_on_a_gpu_trl_is_not_told_to_use_the_cpu():
@@ -68,7 +79,7 @@ def test_ppo_minibatches_are_one_optimizer_step_each():
     ({"pair": "rloo", "batch_size": 30}, "multiple of rloo_k"),
     ({"pair": "ppo", "batch_size": 40}, "multiple of mini_batch_size"),
     ({"pair": "dpo", "updates": 0}, "updates must be a positive integer"),
-    ({"pair": "dpo", "dtype": "bfloat16"}, "float32"),
+    ({"pair": "dpo", "dtype": "float16"}, "unknown dtype 'float16'; use float32 or bfloat16"),
     ({"pair": "dpo", "device": "tpu"}, "unknown device"),
     ({"pair": "dpo", "policy": "/no/such/model"}, "rlhf-zoo bench policy"),
 ])
@@ -87,6 +98,8 @@ def test_unknown_pair_and_bad_repeats():
     assert bt.resolve_pairs("dpo, rloo") == ["dpo", "rloo"]
     with pytest.raises(bt.BenchError, match="repeats"):
         bt.bench_trl(pair="rloo", repeats=0)
+    with pytest.raises(bt.BenchError, match="unknown dtype 'float16'"):  # before anything is built or run
+        bt.bench_trl(pair="rloo", dtype="float16", trl_python="/no/such/python")
 
 
 def test_cli_argument_errors():
@@ -112,8 +125,9 @@ def test_cli_passes_device_and_policy_and_builds_a_policy(monkeypatch, tmp_path)
 
     calls = []
     monkeypatch.setattr(bt, "bench_trl", lambda **kw: calls.append(kw))
-    assert cli.main(["bench", "trl", "--device", "cuda:1", "--policy", "llama-113m"]) == 0
-    assert (calls[0]["device"], calls[0]["policy"]) == ("cuda:1", "llama-113m")
+    assert cli.main(["bench", "trl", "--device", "cuda:1", "--policy", "llama-113m", "--dtype", "bfloat16"]) == 0
+    assert (calls[0]["device"], calls[0]["policy"], calls[0]["dtype"]) == ("cuda:1", "llama-113m", "bfloat16")
+    assert cli.main(["bench", "trl"]) == 0 and calls[1]["dtype"] == "float32"
     built = []
     monkeypatch.setattr(bt, "build_policy", lambda *a, **kw: built.append((a, kw)))
     assert cli.main(["bench", "policy", "llama-tiny", "--out", str(tmp_path), "--seed", "2"]) == 0

@@ -172,7 +172,8 @@ def test_an_entry_point_agent_is_found(plugin):
     plugin(MY_AGENT.replace('register("my-agent", MeanReward)', ""), **{"my-agent": "my_plugin:MeanReward"})
     assert "my-agent" in agents.registered()
     assert agents.agent_class("my-agent").__name__ == "MeanReward"
-    assert agents.make("my-agent", device="cpu", seed=1).config == {"device": "cpu", "seed": 1, "batch_size": 4}
+    assert agents.make("my-agent", device="cpu", seed=1).config == {"device": "cpu", "seed": 1, "precision": "float32",
+                                                                         "batch_size": 4}
 
 
 def test_register_and_an_entry_point_of_the_same_class_do_not_collide(plugin):

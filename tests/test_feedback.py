@@ -419,6 +419,24 @@ def test_reward_model_without_centring_keeps_the_raw_head(fb_lm_dir, fb_tokenize
     assert rm.offset == 0.0 and rm.scale == 1.0 and rm.norm_stats == {}
 
 
+def test_reward_model_trains_in_bfloat16_autocast(fb_lm_dir, fb_tokenizer, monkeypatch):
+    from rlhfgym.envs.feedback import training
+
+    seen, real = [], training.scalar_forward
+
+    def recording(model, *a, **kw):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(training, "scalar_forward", recording)
+    rm = train_reward_model(fb_lm_dir, fb_tokenizer, marker_preferences(32, seed=7), epochs=1, lr=1e-3, batch_size=16,
+                            progress=False, normalise=False, precision="bfloat16")
+    assert seen == [torch.bfloat16] * 2  # both training steps
+    assert {p.dtype for p in rm.model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16"):
+        train_reward_model(fb_lm_dir, fb_tokenizer, marker_preferences(8, seed=7), progress=False, precision="fp8")
+
+
 def test_old_homes_of_the_trainers_warn_and_give_the_build_functions():
     """train_reward_model moved to rlhfgym.envs.feedback.training (re-exported by the build's
     training module), train_preference_model to rlhfgym.envs.build.training; the old names still work

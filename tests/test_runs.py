@@ -302,7 +302,7 @@ def test_kill_9_through_the_cli_resumes_to_the_uninterrupted_weights(tmp_path):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    spent = json.loads(meta.read_text())["spent"]
+    spent, first_seconds = (json.loads(meta.read_text())[k] for k in ("spent", "train_seconds"))
     assert 0 < spent < 64, "the run must be killed mid-way"
     assert json.loads((killed / RUN_FILE).read_text())["status"] == "running"
 
@@ -313,6 +313,8 @@ def test_kill_9_through_the_cli_resumes_to_the_uninterrupted_weights(tmp_path):
     a, b = weights(straight), weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((killed / RUN_FILE).read_text())["status"] == "finished"
+    # the reported training time includes the killed session's, up to its checkpoint
+    assert json.loads((killed / "results.json").read_text())["train_seconds"] >= round(first_seconds, 1) > 0
 
     other = subprocess.run(cli(killed, budget=32), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and "holds another run (budget 64, not 32)" in other.stderr

@@ -19,8 +19,9 @@ and its tokenizer, read the env's task prompts (RLOO/PPO: the prompts rlhf-gym's
 (``env.unwrapped.score(prompts, completions)``, TRL's reward function; for TRL's PPO, which only
 takes a reward *model*, its ``get_reward`` is routed to the same ``score``), and share batch sizes,
 completion length, learning rate and schedule, Adam's epsilon, gradient clipping, beta,
-temperature, float32 on the CPU (``bf16=False``, ``gradient_checkpointing=False``,
-``use_cpu=True``), torch threads and the number of optimizer updates (:func:`side_settings`
+temperature, precision (``dtype``: float32, TRL's ``bf16=False``; or bfloat16 autocast on float32
+weights, TRL's ``bf16=True`` and rlhf-gym's ``precision="bfloat16"``), ``gradient_checkpointing=False``,
+the device (``use_cpu`` on the CPU), torch threads and the number of optimizer updates (:func:`side_settings`
 writes both sides' arguments from one :class:`Settings`, and the tests check they agree).
 DPO and the reward model train on the same preference pairs, built once per benchmark
 (``make_preference_pairs``: two SFT samples per prompt, labelled by the gold labelers).
@@ -110,8 +111,11 @@ class Settings:
         if self.pair == "ppo" and self.batch_size % self.mini_batch_size:
             raise BenchError(f"ppo: batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size}).")
-        if self.dtype != "float32":
-            raise BenchError("only dtype float32 is benchmarked: rlhf-gym's agents train float32 weights.")
+        from rlhfgym.envs.hf import PRECISIONS
+
+        if self.dtype not in PRECISIONS:
+            raise BenchError(f"unknown dtype {self.dtype!r}; use {' or '.join(PRECISIONS)} (bfloat16: autocast on "
+                             "float32 weights, TRL's bf16=True).")
         if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
             raise BenchError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N.")
         if self.policy != "sft" and not (Path(self.policy) / "config.json").is_file():
@@ -150,33 +154,34 @@ def side_settings(s: Settings) -> dict[str, dict[str, Any]]:
     hyperparameters, or ``train_reward_model``'s keywords) and ``trl`` (the TRL config's fields)."""
     trl_common = {
         "learning_rate": s.learning_rate, "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": s.seed,
-        "bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": s.device == "cpu", "report_to": "none",
+        "bf16": s.dtype == "bfloat16", "fp16": False, "gradient_checkpointing": False, "use_cpu": s.device == "cpu", "report_to": "none",
         "save_strategy": "no", "logging_steps": 1, "dataloader_num_workers": 0, "disable_dropout": True,
     }
     if s.pair == "rloo":
         ours = {"learning_rate": s.learning_rate, "batch_size": s.batch_size, "rloo_k": s.rloo_k, "kl_coef": s.beta,
                 "temperature": s.temperature, "max_grad_norm": 1.0, "normalize_advantages": False,
-                "missing_eos_penalty": None}
+                "missing_eos_penalty": None, "precision": s.dtype}
         trl = {**trl_common, "per_device_train_batch_size": s.batch_size, "num_generations": s.rloo_k,
                "max_completion_length": s.max_new_tokens, "beta": s.beta, "temperature": s.temperature, "top_k": 0,
                "top_p": 1.0, "max_steps": s.updates, "lr_scheduler_type": "constant", "adam_epsilon": 1e-5,
                "num_iterations": 1, "normalize_advantages": False}
     elif s.pair == "dpo":
         ours = {"learning_rate": s.learning_rate, "batch_size": s.batch_size, "beta": s.beta, "epochs": 1,
-                "loss_type": "sigmoid", "label_smoothing": 0.0, "max_grad_norm": 1.0}
+                "loss_type": "sigmoid", "label_smoothing": 0.0, "max_grad_norm": 1.0, "precision": s.dtype}
         trl = {**trl_common, "per_device_train_batch_size": s.batch_size, "beta": s.beta, "num_train_epochs": 1,
                "loss_type": ["sigmoid"], "label_smoothing": 0.0, "lr_scheduler_type": "constant", "adam_epsilon": 1e-8,
                "precompute_ref_log_probs": True}
     elif s.pair == "reward":
         ours = {"lr": s.learning_rate, "batch_size": s.batch_size, "epochs": 1, "seed": s.seed, "max_grad_norm": 1.0,
-                "weight_decay": 0.0}
+                "weight_decay": 0.0, "precision": s.dtype}
         trl = {**trl_common, "per_device_train_batch_size": s.batch_size, "num_train_epochs": 1,
                "lr_scheduler_type": "linear", "warmup_steps": 0, "adam_epsilon": 1e-8, "center_rewards_coefficient": None}
     else:  # ppo
         ours = {"learning_rate": s.learning_rate, "batch_size": s.batch_size, "mini_batch_size": s.mini_batch_size,
                 "ppo_epochs": s.ppo_epochs, "kl_coef": s.beta, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
                 "gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "temperature": s.temperature,
-                "max_grad_norm": 1.0, "missing_eos_penalty": None, "value_warmup_steps": 0, "kl_controller": "fixed"}
+                "max_grad_norm": 1.0, "missing_eos_penalty": None, "value_warmup_steps": 0, "kl_controller": "fixed",
+                "precision": s.dtype}
         # trl 1.12: rollout = per_device_train_batch_size * gradient_accumulation_steps, minibatch = rollout /
         # num_mini_batches, one optimizer step per minibatch (its micro-batch loop slices the minibatch, so a
         # per-device batch of the whole rollout means no accumulation; gradient_accumulation_steps > 1 would make
@@ -195,7 +200,7 @@ def side_settings(s: Settings) -> dict[str, dict[str, Any]]:
 
 def shared_view(s: Settings) -> dict[str, dict[str, Any]]:
     """The settings both sides must agree on, as each side's arguments spell them (the tests compare
-    the two columns): learning rate, batch, KL coefficient, length, temperature, optimizer steps."""
+    the two columns): learning rate, batch, KL coefficient, length, temperature, optimizer steps, precision."""
     a = side_settings(s)
     o, t = a["ours"], a["trl"]
     if s.pair == "rloo":
@@ -230,6 +235,8 @@ def shared_view(s: Settings) -> dict[str, dict[str, Any]]:
                "epochs": t["num_ppo_epochs"], "beta": t["kl_coef"], "temperature": t["temperature"],
                "rollouts": t["total_episodes"] // (t["per_device_train_batch_size"] * t["gradient_accumulation_steps"]),
                "vf_coef": t["vf_coef"], "gamma": t["gamma"], "lam": t["lam"]}
+    ours["precision"] = o["precision"]
+    trl["precision"] = "bfloat16" if t["bf16"] else "float32"  # fp16 is never set
     return {"ours": ours, "trl": trl}
 
 
@@ -731,7 +738,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"load average before/after {report['load_average_before']} / {report['load_average_after']}; "
              f"torch threads {report['threads']}.  ",
              f"Command: `{report['command']}`  ",
-             f"Policy both sides start from: {report.get('policy', 'sft')}.  ",
+             f"Policy both sides start from: {report.get('policy', 'sft')}; precision: {report.get('dtype', 'float32')}"
+             + (" (autocast on float32 weights; the env's reference and reward model compute in float32)"
+                if report.get("dtype", "float32") != "float32" else "") + ".  ",
              "Versions: " + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in vs.items())
                                      for side, vs in report["versions"].items()), "",
              "Seconds per optimizer update (training time / updates; median of the runs, each run in brackets), "
@@ -803,15 +812,17 @@ def resolve_pairs(pair: str) -> list[str]:
 def bench_trl(pair: str = "all", repeats: int = 3, out: str | os.PathLike = DEFAULT_OUT, trl_python: str | None = None,
               trl_ppo_python: str | None = None, updates: int | None = None, seed: int = 0, threads: int = 1,
               timeout: float = 900.0, command: str | None = None, env_rounds: int = 5, device: str = "cpu",
-              policy: str = "sft") -> dict[str, Any]:
+              policy: str = "sft", dtype: str = "float32") -> dict[str, Any]:
     """Run the pairs (interleaved fresh subprocesses, ``repeats`` runs a side), print and write the report.
 
     ``device``: where both sides train (and the env pair runs). ``policy``: what both sides start from:
     "sft" (the micro world's SFT model), a model directory, or a :data:`POLICY_PRESETS` name (built
-    into the work directory first, seeded with ``seed``)."""
+    into the work directory first, seeded with ``seed``). ``dtype``: both sides' precision, float32 or
+    bfloat16 (autocast on float32 weights: TRL's ``bf16=True``, rlhf-gym's ``precision="bfloat16"``)."""
     if not isinstance(repeats, int) or repeats < 1:
         raise BenchError(f"repeats must be a positive integer, got {repeats!r}.")
     pairs = resolve_pairs(pair)
+    default_settings("rloo", dtype=dtype, device=device)  # a bad dtype or device fails before anything runs
     trl_python = trl_python or sys.executable
     trl_ppo_python = trl_ppo_python or trl_python
     versions: dict[str, dict[str, str]] = {"ours": _side_versions("ours")}
@@ -826,14 +837,14 @@ def bench_trl(pair: str = "all", repeats: int = 3, out: str | os.PathLike = DEFA
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_info(device),
         "load_average_before": load_average(), "threads": threads, "repeats": repeats, "versions": versions,
-        "policy": policy,
+        "policy": policy, "dtype": dtype,
         "command": command or shlex.join(["rlhf-zoo", "bench", "trl", "--pair", pair, "--repeats", str(repeats)]),
         "pairs": {}, "eval_prompts": default_settings("rloo").eval_prompts,
     }
     work = Path(tempfile.mkdtemp(prefix="bench-trl-"))
     if policy in POLICY_PRESETS:
         policy = str(build_policy(policy, work / "policy", seed=seed))
-    common = {"seed": seed, "threads": threads, "device": device, "policy": policy}
+    common = {"seed": seed, "threads": threads, "device": device, "policy": policy, "dtype": dtype}
     first = default_settings("rloo", **common)
     report["sft"] = evaluate_model(first, "sft", work)
     print(f"[bench trl] SFT policy: {_quality('rloo', report['sft'])}", flush=True)

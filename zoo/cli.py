@@ -371,6 +371,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     trl.add_argument("--policy", default="sft",
                      help="what both sides start from: sft (the micro world's SFT model), a model directory, or a preset "
                           "built first (llama-113m, llama-403m, llama-tiny; see `rlhf-zoo bench policy`) (default: sft)")
+    trl.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="both sides' precision: float32, or bfloat16 autocast on float32 weights (TRL's bf16=True, "
+                          "rlhf-gym's precision=bfloat16) (default: float32)")
     trl.set_defaults(bench=_bench_trl)
     policy = targets.add_parser(
         "policy", help="save a randomly initialised Llama of a preset size over the micro tokenizer (for GPU benches)",
@@ -409,7 +412,7 @@ def _bench_trl(args: argparse.Namespace) -> Any:
     return bench_trl(pair=args.pair, repeats=args.repeats, out=args.out, trl_python=args.trl_python,
                      trl_ppo_python=args.trl_ppo_python, updates=args.updates, seed=args.seed, threads=args.threads,
                      timeout=args.timeout, command=command, env_rounds=args.env_rounds, device=args.device,
-                     policy=args.policy)
+                     policy=args.policy, dtype=args.dtype)
 
 
 def _bench_policy(args: argparse.Namespace) -> Any:

@@ -173,7 +173,8 @@ def _train_and_evaluate(agent, algo: str, env_id: str, *, budget: int, seed: int
     t0 = time.time()
     with run_services(agent, out, learn_kwargs) as callback:
         agent.learn(env, budget, callback, **learn_kwargs)
-    train_s = time.time() - t0
+    # the agent's own count covers the sessions before a resume; an agent without TrainingRun has none
+    train_s = getattr(agent, "train_seconds", 0.0) or time.time() - t0
     # `rlhf-zoo eval`'s code path (writes eval.json + completions.jsonl), sampling with the run's own
     # seed, so the spread over seeds includes the evaluation's sampling noise.
     from rlhfgym.zoo.evaluate import evaluate_agent, results_row
@@ -298,11 +299,17 @@ def run_options(hp: dict[str, Any], *, checkpoint_every: int | None = None,
     return every, float(seconds)
 
 
+#: hyperparameters added after runs were recorded: left out of a run's identity at these defaults
+OMITTED_AT_DEFAULT = {"precision": "float32"}
+
+
 def run_identity(algo: str, env_id: str, *, seed: int, budget: int, hyperparams: dict[str, Any],
                  env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """What a run trains: algo, env id, seed, budget, the agent's hyperparameters (its validated config,
-    less ``device`` and ``seed``) and the env's keyword arguments, as JSON values."""
-    hp = {k: v for k, v in hyperparams.items() if k not in ("device", "seed")}
+    less ``device`` and ``seed``, and less ``precision`` at its default ``float32``, so runs made before
+    it existed keep their identity) and the env's keyword arguments, as JSON values."""
+    hp = {k: v for k, v in hyperparams.items()
+          if k not in ("device", "seed") and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
     identity = {"algo": algo, "env_id": env_id, "seed": int(seed), "budget": int(budget), "hyperparams": hp,
                 "env_kwargs": dict(env_kwargs)}
     return json.loads(json.dumps(identity, sort_keys=True, default=repr))
@@ -404,6 +411,7 @@ def finish_run(run_dir: str | Path, result: dict[str, Any]) -> None:
 
 def _difference(key: str, old, new) -> str:
     if isinstance(old, dict) and isinstance(new, dict):
+        old, new = ({**OMITTED_AT_DEFAULT, **d} if key == "hyperparams" else d for d in (old, new))
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return f"{key} " + ", ".join(f"{k}={old.get(k)!r}, not {new.get(k)!r}" for k in keys)
     return f"{key} {old!r}, not {new!r}"

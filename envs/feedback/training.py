@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..hf import resolve_device
+from ..hf import mixed_precision, precision_dtype, resolve_device
 from .checkpoint import LoopCheckpoint
 from .reward_model import (
     FormatFn,
@@ -160,6 +160,7 @@ def train_reward_model(
     normalise_on: tuple[Sequence[str], Sequence[str]] | None = None,
     unit_std: bool = False,
     checkpoint_dir=None,
+    precision: str = "float32",
 ) -> RewardModel:
     """Train a Bradley-Terry reward model with the soft-label loss; returns a :class:`RewardModel`.
 
@@ -171,8 +172,10 @@ def train_reward_model(
     head (offset 0, scale 1). ``rm.history`` holds one dict of
     metrics per epoch. ``checkpoint_dir``: snapshot the loop there every few minutes and resume from
     it when the same training runs again (:class:`~.checkpoint.LoopCheckpoint`); deleted when
-    training ends.
+    training ends. ``precision="bfloat16"``: the training forward passes run under bfloat16 autocast
+    (:func:`~rlhfgym.envs.hf.mixed_precision`; weights and optimizer state stay float32).
     """
+    autocast_dtype = precision_dtype(precision)
     seed_everything(seed)
     device = resolve_device(device)
     model = load_scalar_model(backbone_or_path, tokenizer).to(device)
@@ -193,7 +196,8 @@ def train_reward_model(
         # one forward over the batch's distinct sequences, so chosen and rejected see the same weights
         distinct = list(dict.fromkeys([chosen[i] for i in idx] + [rejected[i] for i in idx]))
         row = {q: j for j, q in enumerate(distinct)}
-        r = scalar_forward(model, [seqs[q] for q in distinct], pad, device, share_prefixes=True)
+        with mixed_precision(device, autocast_dtype):
+            r = scalar_forward(model, [seqs[q] for q in distinct], pad, device, share_prefixes=True)  # float32 out
         r_w = r[torch.tensor([row[chosen[i]] for i in idx], device=r.device)]
         r_l = r[torch.tensor([row[rejected[i]] for i in idx], device=r.device)]
         p = label_prob[idx]
@@ -212,7 +216,8 @@ def train_reward_model(
     rm.history = train_loop(
         model, n, batch_loss, end_epoch, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, fresh_sums=(0.0, 0.0),
         fingerprint={"kind": "reward model", "n": n, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                     "seed": seed, "weight_decay": weight_decay, "max_length": max_length},
+                     "seed": seed, "weight_decay": weight_decay, "max_length": max_length,
+                     **({"precision": precision} if precision != "float32" else {})},
         groups=groups, weight_decay=weight_decay, max_grad_norm=max_grad_norm, checkpoint_dir=checkpoint_dir,
         desc="reward model", progress=progress,
     )

@@ -12,8 +12,9 @@
 #   machine.txt      GPU, driver, python and package versions
 #   env-sft.txt      rlhf-zoo bench env --device cuda at 64/256/1024 rows, the micro world's SFT policy
 #   env-403m.txt     the same with a 403M-parameter Llama (bf16) as policy and reference
-#   trl/bench-trl.md rlhf-zoo bench trl --device cuda, every training pair, both sides starting from a
-#                    113M-parameter Llama (float32; rlhf-gym's agents train float32 weights)
+#   trl/bench-trl.md rlhf-zoo bench trl --device cuda --dtype bfloat16, every training pair, both sides
+#                    starting from a 113M-parameter Llama, bf16 autocast on float32 weights (TRL's bf16=True,
+#                    rlhf-gym's precision=bfloat16)
 #   log.txt          everything printed
 # Copy what comes back to docs/results/gpu/<date>/ and the tables into the README's Performance section.
 #
@@ -71,7 +72,7 @@ if [ "$PART" != trl ]; then  # ~4 minutes
         --reference "/tmp/$BIG" --dtype bfloat16 | tee "$OUT/env-${BIG#llama-}.txt"
 fi
 if [ "$PART" != env ]; then  # ~5 minutes; the report is rewritten after every pair, so a cut run keeps its pairs
-    timeout 300 $PY -m rlhfgym.zoo.cli bench trl --device "$DEVICE" --policy "$MID" --pair rloo,dpo,reward,ppo \
-        --repeats 1 --timeout 120 --trl-ppo-python /tmp/python-trl112 --out "$OUT/trl" $UPDATES
+    timeout 300 $PY -m rlhfgym.zoo.cli bench trl --device "$DEVICE" --policy "$MID" --dtype bfloat16 \
+        --pair rloo,dpo,reward,ppo --repeats 1 --timeout 120 --trl-ppo-python /tmp/python-trl112 --out "$OUT/trl" $UPDATES
 fi
 echo "done: $(date -u)"
