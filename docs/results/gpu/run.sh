@@ -10,6 +10,8 @@
 # On the GPU machine it installs the wheels and rlhf-gym into /tmp (nothing can be downloaded there),
 # then writes under $OUT (each step bounded by `timeout`, so a slow step leaves time for the next):
 #   machine.txt      GPU, driver, python and package versions
+#   gpu-tests.txt    pytest tests/test_gpu.py: the CUDA-graph step against the eager one (float32, bf16),
+#                    the env, env rollouts and agents' training (float32, bf16) on cuda
 #   env-sft.txt      rlhf-zoo bench env --device cuda at 64/256/1024 rows, the micro world's SFT policy
 #   env-403m.txt     the same with a 403M-parameter Llama (bf16) as policy and reference
 #   trl/bench-trl.md rlhf-zoo bench trl --device cuda --dtype bfloat16, every training pair, both sides
@@ -65,14 +67,16 @@ gymnasium.__version__, 'trl', trl.__version__)"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-if [ "$PART" != trl ]; then  # ~4 minutes
+if [ "$PART" != trl ]; then  # ~5 minutes
+    RLHFGYM_TEST_DEVICE="$DEVICE" timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 \
+        | tee "$OUT/gpu-tests.txt"
     zoo bench policy "$BIG" --out "/tmp/$BIG" || exit 1
-    timeout 100 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 | tee "$OUT/env-sft.txt"
-    timeout 130 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 \
+    timeout 90 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 | tee "$OUT/env-sft.txt"
+    timeout 120 $PY -m rlhfgym.zoo.cli bench env --device "$DEVICE" --batch "$BATCHES" --repeats 3 \
         --reference "/tmp/$BIG" --dtype bfloat16 | tee "$OUT/env-${BIG#llama-}.txt"
 fi
-if [ "$PART" != env ]; then  # ~5 minutes; the report is rewritten after every pair, so a cut run keeps its pairs
-    timeout 300 $PY -m rlhfgym.zoo.cli bench trl --device "$DEVICE" --policy "$MID" --dtype bfloat16 \
+if [ "$PART" != env ]; then  # ~4.5 minutes; the report is rewritten after every pair, so a cut run keeps its pairs
+    timeout 270 $PY -m rlhfgym.zoo.cli bench trl --device "$DEVICE" --policy "$MID" --dtype bfloat16 \
         --pair rloo,dpo,reward,ppo --repeats 1 --timeout 120 --trl-ppo-python /tmp/python-trl112 --out "$OUT/trl" $UPDATES
 fi
 echo "done: $(date -u)"
