@@ -33,6 +33,9 @@ from typing import Any
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 CONFIG_FILE = "agent.json"
+#: hyperparameters added after agents and zoo runs were first saved, with the value every earlier one
+#: had: a saved config or run identity without the key means this value (resume and run identities read it so)
+ADDED_HYPERPARAMETERS = {"precision": "float32"}
 
 
 class AgentError(ValueError):

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from rlhfgym.envs.hf import PRECISIONS
 
-from .base import CONFIG_FILE, Agent, AgentError, read_agent_config
+from .base import ADDED_HYPERPARAMETERS, CONFIG_FILE, Agent, AgentError, read_agent_config
 from .policy import Rollout
 
 __all__ = [
@@ -696,7 +696,7 @@ class TrainingRun:
         meta = read_agent_config(ckpt)
         if meta["agent"] != agent.name:
             raise AgentError(f"{ckpt} holds a {meta['agent']!r} checkpoint, not {agent.name!r}; use another checkpoint_dir.")
-        saved = {"precision": "float32", **meta["config"]}  # checkpoints made before precision existed were float32
+        saved = {**ADDED_HYPERPARAMETERS, **meta["config"]}  # what an older checkpoint had without the key
         changed = sorted(k for k in set(saved) | set(agent.config)
                          if k != "device" and saved.get(k) != agent.config.get(k))
         if changed:

@@ -619,9 +619,9 @@ class TokenSampler:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
         self.temperature, self.vocab_size = float(temperature), int(vocab_size)
-        self.autocast_dtype = autocast_dtype
+        self.autocast_dtype, self.device = autocast_dtype, next(model.parameters()).device
         b = len(prompt_ids)
-        with self._precision(model):  # the cache (and a CUDA graph) is made in the dtype the steps compute in
+        with self._precision():  # the cache (and a CUDA graph) is made in the dtype the steps compute in
             self.lm = IncrementalLM(model, b, window)
             self.logits = self.lm.reset_rows(range(b), prompt_ids, attention_mask)
             if mixture is not None and isinstance(prompt_ids, torch.Tensor):
@@ -638,13 +638,13 @@ class TokenSampler:
         tok = logp.argmax(-1) if self.temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(-1)
         return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
-    def _precision(self, model):
+    def _precision(self):
         # entered per call, in the calling thread (autocast is thread-local; an agent may step in a worker)
-        return mixed_precision(next(model.parameters()).device, self.autocast_dtype, cache=False)
+        return mixed_precision(self.device, self.autocast_dtype, cache=False)
 
     def advance(self, tokens: torch.Tensor, active: torch.Tensor) -> None:
         """Feed the drawn tokens back (rows where ``active`` is False keep their context)."""
-        with self._precision(self.lm.model):
+        with self._precision():
             self.logits = self.lm.step(tokens, active=active)
             if self.mixture is not None:
                 self.mixture.step(tokens, active)

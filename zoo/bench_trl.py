@@ -160,28 +160,27 @@ def side_settings(s: Settings) -> dict[str, dict[str, Any]]:
     if s.pair == "rloo":
         ours = {"learning_rate": s.learning_rate, "batch_size": s.batch_size, "rloo_k": s.rloo_k, "kl_coef": s.beta,
                 "temperature": s.temperature, "max_grad_norm": 1.0, "normalize_advantages": False,
-                "missing_eos_penalty": None, "precision": s.dtype}
+                "missing_eos_penalty": None}
         trl = {**trl_common, "per_device_train_batch_size": s.batch_size, "num_generations": s.rloo_k,
                "max_completion_length": s.max_new_tokens, "beta": s.beta, "temperature": s.temperature, "top_k": 0,
                "top_p": 1.0, "max_steps": s.updates, "lr_scheduler_type": "constant", "adam_epsilon": 1e-5,
                "num_iterations": 1, "normalize_advantages": False}
     elif s.pair == "dpo":
         ours = {"learning_rate": s.learning_rate, "batch_size": s.batch_size, "beta": s.beta, "epochs": 1,
-                "loss_type": "sigmoid", "label_smoothing": 0.0, "max_grad_norm": 1.0, "precision": s.dtype}
+                "loss_type": "sigmoid", "label_smoothing": 0.0, "max_grad_norm": 1.0}
         trl = {**trl_common, "per_device_train_batch_size": s.batch_size, "beta": s.beta, "num_train_epochs": 1,
                "loss_type": ["sigmoid"], "label_smoothing": 0.0, "lr_scheduler_type": "constant", "adam_epsilon": 1e-8,
                "precompute_ref_log_probs": True}
     elif s.pair == "reward":
         ours = {"lr": s.learning_rate, "batch_size": s.batch_size, "epochs": 1, "seed": s.seed, "max_grad_norm": 1.0,
-                "weight_decay": 0.0, "precision": s.dtype}
+                "weight_decay": 0.0}
         trl = {**trl_common, "per_device_train_batch_size": s.batch_size, "num_train_epochs": 1,
                "lr_scheduler_type": "linear", "warmup_steps": 0, "adam_epsilon": 1e-8, "center_rewards_coefficient": None}
     else:  # ppo
         ours = {"learning_rate": s.learning_rate, "batch_size": s.batch_size, "mini_batch_size": s.mini_batch_size,
                 "ppo_epochs": s.ppo_epochs, "kl_coef": s.beta, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1,
                 "gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "temperature": s.temperature,
-                "max_grad_norm": 1.0, "missing_eos_penalty": None, "value_warmup_steps": 0, "kl_controller": "fixed",
-                "precision": s.dtype}
+                "max_grad_norm": 1.0, "missing_eos_penalty": None, "value_warmup_steps": 0, "kl_controller": "fixed"}
         # trl 1.12: rollout = per_device_train_batch_size * gradient_accumulation_steps, minibatch = rollout /
         # num_mini_batches, one optimizer step per minibatch (its micro-batch loop slices the minibatch, so a
         # per-device batch of the whole rollout means no accumulation; gradient_accumulation_steps > 1 would make
@@ -195,6 +194,7 @@ def side_settings(s: Settings) -> dict[str, dict[str, Any]]:
                "kl_estimator": "k1", "num_sample_generations": 0}
         trl.pop("disable_dropout")  # trl 1.12's PPOConfig has no such field (its trainer disables dropout itself)
         trl.pop("logging_steps")
+    ours["precision"] = s.dtype  # every pair's agent (or train_reward_model) takes it; TRL's is bf16 above
     return {"ours": ours, "trl": trl}
 
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from rlhfgym.agents.base import ADDED_HYPERPARAMETERS
+
 HYPERPARAMS = Path(__file__).resolve().parent / "hyperparams"
 
 
@@ -299,17 +301,14 @@ def run_options(hp: dict[str, Any], *, checkpoint_every: int | None = None,
     return every, float(seconds)
 
 
-#: hyperparameters added after runs were recorded: left out of a run's identity at these defaults
-OMITTED_AT_DEFAULT = {"precision": "float32"}
-
-
 def run_identity(algo: str, env_id: str, *, seed: int, budget: int, hyperparams: dict[str, Any],
                  env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """What a run trains: algo, env id, seed, budget, the agent's hyperparameters (its validated config,
-    less ``device`` and ``seed``, and less ``precision`` at its default ``float32``, so runs made before
-    it existed keep their identity) and the env's keyword arguments, as JSON values."""
+    less ``device`` and ``seed``, and less a hyperparameter added later (``ADDED_HYPERPARAMETERS``, e.g.
+    ``precision``) at the value earlier runs had, so they keep their identity) and the env's keyword
+    arguments, as JSON values."""
     hp = {k: v for k, v in hyperparams.items()
-          if k not in ("device", "seed") and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
+          if k not in ("device", "seed") and not (k in ADDED_HYPERPARAMETERS and v == ADDED_HYPERPARAMETERS[k])}
     identity = {"algo": algo, "env_id": env_id, "seed": int(seed), "budget": int(budget), "hyperparams": hp,
                 "env_kwargs": dict(env_kwargs)}
     return json.loads(json.dumps(identity, sort_keys=True, default=repr))
@@ -411,7 +410,7 @@ def finish_run(run_dir: str | Path, result: dict[str, Any]) -> None:
 
 def _difference(key: str, old, new) -> str:
     if isinstance(old, dict) and isinstance(new, dict):
-        old, new = ({**OMITTED_AT_DEFAULT, **d} if key == "hyperparams" else d for d in (old, new))
+        old, new = ({**ADDED_HYPERPARAMETERS, **d} if key == "hyperparams" else d for d in (old, new))
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         return f"{key} " + ", ".join(f"{k}={old.get(k)!r}, not {new.get(k)!r}" for k in keys)
     return f"{key} {old!r}, not {new!r}"
