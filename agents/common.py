@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfgym.envs.hf import PRECISIONS
+from rlhfgym.envs.lm import IncrementalLMPool, TokenSampler
 
 from .base import ADDED_HYPERPARAMETERS, CONFIG_FILE, Agent, AgentError, read_agent_config
 from .policy import Rollout
@@ -373,6 +374,7 @@ class EnvSampler:
         self.kl_coef = float(kl_coef)
         self.score = bool(score)
         self._envs: dict[int, Any] = {}
+        self._lms = IncrementalLMPool()  # the policy's KV caches (and CUDA graphs), one per batch size
         self.overlap = (torch.device(self.config.device).type == "cpu") if overlap is None else bool(overlap)
         self._pool = None
 
@@ -413,14 +415,12 @@ class EnvSampler:
             model.train(was_training)
 
     def _rollout(self, envs, policy, idx, prompts, temperature, mixture) -> EnvRollout:
-        from rlhfgym.envs.lm import TokenSampler
-
         b, t_max, device, model = len(idx), envs.max_new_tokens, envs.device, policy.model
 
         def start_sampler(prompt_ids):
             return TokenSampler(model, prompt_ids, max_new_tokens=t_max, window=envs.core.window,
                                 vocab_size=len(policy.tokenizer), temperature=temperature, mixture=mixture,
-                                autocast_dtype=policy.autocast_dtype)
+                                autocast_dtype=policy.autocast_dtype, pool=self._lms)
 
         # the policy reads the prompts (its prefill) while the env resets (the reference's prefill)
         mine = policy.encode_prompts(prompts)

@@ -52,6 +52,7 @@ from .hf import cached_forward, mixed_precision, position_ids
 
 __all__ = [
     "IncrementalLM",
+    "IncrementalLMPool",
     "SharedPrefixes",
     "length_chunks",
     "pad_left",
@@ -544,6 +545,39 @@ class IncrementalLM:
         self._mask2d = self._mask2d[:, excess:]
 
 
+class IncrementalLMPool:
+    """Hands out :class:`IncrementalLM` objects again across rollouts, so that each batch shape
+    allocates its ring cache and, on CUDA, captures its graph (two warm-up forwards and the capture)
+    once instead of at every rollout.
+
+    ``pool.get(model, batch_size, window)`` returns an emptied LM (:meth:`IncrementalLM.clear`; its old
+    keys and values stay in the ring but are masked, so its logits equal a new LM's). It is the LM the
+    pool made before for the same ``(batch_size, window)`` and the autocast dtype in force at the
+    call, if that LM still fits ``model``: the same object, in the same training mode, with every
+    parameter and buffer at the same address (a captured graph reads them there; ``optimizer.step()``
+    and ``load_state_dict`` update them in place and keep it). Otherwise a new LM replaces it, so the
+    pool holds one LM per shape. An owner (an agent's :class:`~rlhfgym.agents.common.EnvSampler`)
+    drives one rollout at a time: an LM it gets again is one it no longer uses.
+    """
+
+    def __init__(self, **lm_kwargs):
+        self.lm_kwargs = lm_kwargs  # passed to IncrementalLM (backend, cuda_graph, ...)
+        self._lms: dict[tuple, tuple[tuple, IncrementalLM]] = {}
+
+    def get(self, model: torch.nn.Module, batch_size: int, window: int) -> IncrementalLM:
+        device_type = next(model.parameters()).device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (int(batch_size), int(window), autocast)
+        fits = (id(model), model.training, *(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
+        held = self._lms.get(key)
+        if held is not None and held[0] == fits and held[1].model is model:
+            held[1].clear()
+            return held[1]
+        lm = IncrementalLM(model, batch_size, window, **self.lm_kwargs)
+        self._lms[key] = (fits, lm)
+        return lm
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -611,18 +645,20 @@ class TokenSampler:
         mixture: optional hook (see :func:`sample_tokens`); it gets ``prompt_ids`` as lists.
         autocast_dtype: run the model's forward passes under :func:`~rlhfgym.envs.hf.mixed_precision`
             to this dtype (e.g. ``torch.bfloat16``); ``None``: in the weights' own dtype.
+        pool: optional :class:`IncrementalLMPool` to take the KV cache from (a new one otherwise);
+            the sampler uses it until the next sampler takes it from the same pool.
     """
 
     def __init__(self, model: torch.nn.Module, prompt_ids, *, max_new_tokens: int, window: int, vocab_size: int,
                  temperature: float = 1.0, mixture=None, attention_mask: torch.Tensor | None = None,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, pool: IncrementalLMPool | None = None):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}.")
         self.temperature, self.vocab_size = float(temperature), int(vocab_size)
         self.autocast_dtype, self.device = autocast_dtype, next(model.parameters()).device
         b = len(prompt_ids)
         with self._precision():  # the cache (and a CUDA graph) is made in the dtype the steps compute in
-            self.lm = IncrementalLM(model, b, window)
+            self.lm = pool.get(model, b, window) if pool is not None else IncrementalLM(model, b, window)
             self.logits = self.lm.reset_rows(range(b), prompt_ids, attention_mask)
             if mixture is not None and isinstance(prompt_ids, torch.Tensor):
                 mask = torch.ones_like(prompt_ids) if attention_mask is None else attention_mask

@@ -68,6 +68,40 @@ def test_overlapping_the_policy_with_the_env_changes_nothing(env):
     assert torch.equal(serial.rewards, overlapped.rewards) and torch.equal(serial.logprobs, overlapped.logprobs)
 
 
+def test_rollouts_reuse_the_policys_kv_cache_and_follow_its_updates(env, monkeypatch):
+    """An EnvSampler makes the policy's IncrementalLM once per batch size (on CUDA: one graph capture),
+    and after the weights change in place its rollouts still draw what the policy samples."""
+    import rlhfgym.envs.lm as lm_module
+
+    made = []
+    real_init = lm_module.IncrementalLM.__init__
+
+    def counting_init(self, model, *args, **kwargs):
+        made.append(model)
+        real_init(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(lm_module.IncrementalLM, "__init__", counting_init)
+    policy = CausalLMPolicy.from_env(env)
+    sampler = EnvSampler(env, kl_coef=0.05)
+    optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.5)
+    for step in range(3):
+        idx = [step, step + 1, step + 2, step + 3]
+        torch.manual_seed(step)
+        roll = sampler.rollout(policy, idx)
+        direct_made = len(made)
+        torch.manual_seed(step)
+        direct = policy.sample(roll.prompts)  # a new IncrementalLM
+        del made[direct_made:]
+        t = direct.tokens.shape[1]
+        assert torch.equal(roll.tokens[:, :t], direct.tokens) and roll.texts == direct.texts
+        loss = -policy.forward_logprobs(roll.prompt_ids, roll.tokens, roll.mask).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert sum(m is policy.model for m in made) == 1  # one for the policy over three rollouts
+    assert len(made) == 2  # and the env's reference, made with the env
+
+
 def test_the_policy_acts_on_the_envs_prompt_tokens(env):
     """A policy that would cut prompts shorter than the env still acts on the env's state."""
     short, full = CausalLMPolicy.from_env(env), CausalLMPolicy.from_env(env)

@@ -18,7 +18,7 @@ import rlhfgym.agents as agents
 from rlhfgym.agents.common import EnvSampler, stream_prompt_indices
 from rlhfgym.agents.policy import CausalLMPolicy
 from rlhfgym.envs.hf import mixed_precision
-from rlhfgym.envs.lm import IncrementalLM
+from rlhfgym.envs.lm import IncrementalLM, IncrementalLMPool
 from rlhfgym.envs.registration import register_envs
 
 register_envs()
@@ -57,6 +57,38 @@ def test_the_cuda_graph_step_gives_the_eager_steps_logits(env, dtype):
         out[graph] = torch.stack(steps).float()
     tol = 1e-3 if dtype is None else 5e-2
     torch.testing.assert_close(out[True], out[False], atol=tol, rtol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", PRECISIONS, ids=["float32", "bfloat16"])
+def test_a_pooled_graph_is_replayed_again_and_reads_weights_updated_in_place(env, dtype):
+    """What the agents' rollouts rely on (IncrementalLMPool): one capture per batch shape, replayed in
+    later rollouts after optimizer.step() changed the weights in place, gives the eager step's logits."""
+    core = env.unwrapped
+    model = CausalLMPolicy.from_env(env, device=DEVICE).model.eval()
+    ids = [core.tokenizer(core.task.prompt("train", i))["input_ids"][-64:] for i in range(8)]
+    tokens = torch.randint(0, len(core.tokenizer), (4, 8), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    pool = IncrementalLMPool()
+
+    def decode(lm):
+        steps = [lm.reset_rows(range(8), ids)]
+        steps += [lm.step(tokens[t]) for t in range(4)]
+        return torch.stack(steps).float()
+
+    with mixed_precision(DEVICE, dtype, cache=False):
+        lm = pool.get(model, 8, 96)
+        decode(lm)
+        graph = lm._graph
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-2
+        optimizer.step()
+        assert pool.get(model, 8, 96) is lm
+        replayed = decode(lm)
+        assert graph is not None and lm._graph is graph  # not captured again
+        eager = decode(IncrementalLM(model, 8, 96, backend="static", cuda_graph=False))
+    tol = 1e-3 if dtype is None else 5e-2
+    torch.testing.assert_close(replayed, eager, atol=tol, rtol=0)
 
 
 def test_the_vector_env_runs_on_the_device():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfgym.envs.lm import IncrementalLM, sequence_logprobs
+from rlhfgym.envs.lm import IncrementalLM, IncrementalLMPool, sequence_logprobs
 
 V = 40
 
@@ -119,6 +119,46 @@ def test_static_backend_is_a_sliding_window():
     assert lm.positions.tolist() == [5] and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="does not fit the window of 4"):
         lm.reset_rows([0], [[2, 3, 4, 5, 6]])
+
+
+def _decode(lm: IncrementalLM) -> torch.Tensor:
+    """Logits of a fixed run: staggered resets and an inactive row."""
+    steps = [lm.reset_rows([0, 1, 2], [[2, 3, 4], [5, 6], [7, 8, 9, 10]])]
+    for t in range(12):
+        if t == 5:
+            steps.append(lm.reset_rows([1], [[11, 12, 13]]))
+        steps.append(lm.step(torch.tensor([t + 3, t + 4, t + 5]), active=torch.tensor([True, True, t % 3 > 0])))
+    return torch.cat(steps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pooled_lm_is_reused_only_while_it_fits_and_decodes_as_a_new_one(backend):
+    model = tiny_llama()
+    pool = IncrementalLMPool(backend=backend)
+    lm = pool.get(model, 3, 16)
+    first = _decode(lm)
+    assert pool.get(model, 3, 16) is lm  # the same shape again: the same LM, emptied
+    assert torch.equal(_decode(lm), first)  # its old keys and values change nothing
+    with torch.no_grad():  # an in-place update (what optimizer.step() does) keeps it, and it reads the new weights
+        for p in model.parameters():
+            p.mul_(1.1)
+    assert pool.get(model, 3, 16) is lm
+    updated = _decode(lm)
+    assert not torch.allclose(updated, first)
+    assert torch.equal(updated, _decode(IncrementalLM(model, 3, 16, backend=backend)))
+    # what it does not fit: another shape, mode, model, autocast dtype or a moved parameter
+    assert pool.get(model, 4, 16) is not lm and pool.get(model, 3, 20) is not lm
+    assert pool.get(model.train(), 3, 16) is not lm
+    model.eval()
+    other = tiny_llama(seed=1)
+    in_float32 = pool.get(other, 3, 16)
+    assert in_float32.model is other
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # its cache and graph are made in bf16: one of its own
+        in_bfloat16 = pool.get(other, 3, 16)
+        assert in_bfloat16 is not in_float32 and pool.get(other, 3, 16) is in_bfloat16
+    assert pool.get(other, 3, 16) is in_float32
+    other.lm_head.weight = torch.nn.Parameter(other.lm_head.weight.detach().clone())
+    assert pool.get(other, 3, 16) is not in_float32
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

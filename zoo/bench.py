@@ -132,7 +132,7 @@ def bare_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: flo
     """
     import gymnasium as gym
 
-    from rlhfgym.envs.lm import IncrementalLM, TokenSampler, decode_completions, encode_prompts
+    from rlhfgym.envs.lm import IncrementalLMPool, TokenSampler, decode_completions, encode_prompts
 
     env = gym.make(env_id, kl_coef=kl_coef, max_new_tokens=max_new_tokens, device=device, **_reference_kwargs(reference))
     core = env.unwrapped
@@ -141,12 +141,13 @@ def bare_tokens_per_s(env_id: str, batch: int, max_new_tokens: int, kl_coef: flo
     window, vocab = max_prompt + max_new_tokens, len(tok)
     eos, pad = int(tok.eos_token_id), int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     prompts = core.prompts("train", batch * (repeats + 1))
+    policy_lms, ref_lms = IncrementalLMPool(), IncrementalLMPool()  # caches (and CUDA graphs) made once
 
     def one_batch(ps):
         ids = [row[-max_prompt:] for row in encode_prompts(tok, ps)]
         sampler = TokenSampler(policy, ids, max_new_tokens=max_new_tokens, window=window, vocab_size=vocab,
-                               temperature=temperature)
-        ref_lm = IncrementalLM(ref, len(ids), window) if kl_coef else None
+                               temperature=temperature, pool=policy_lms)
+        ref_lm = ref_lms.get(ref, len(ids), window) if kl_coef else None
         ref_logits = ref_lm.reset_rows(range(len(ids)), ids) if ref_lm is not None else None
         done = torch.zeros(len(ids), dtype=torch.bool, device=core.device)
         tokens, ref_logp, n = [], torch.zeros(len(ids), device=core.device), 0
