@@ -44,6 +44,22 @@ def test_cpu_float32_and_no_checkpointing_on_the_trl_side():
         assert trl["gradient_checkpointing"] is False and trl["use_cpu"] is True
 
 
+def test_the_trl_side_turns_checkpointing_off_under_the_installed_transformers_name():
+    """transformers renamed gradient_checkpointing (TRL's configs default it to True, and the old name
+    warns): the TRL side passes our False under the name its TrainingArguments reads."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    trl = bt.side_settings(bt.default_settings("rloo"))["trl"]
+    passed = bt.installed_trl_names(trl)
+    name = "activation_checkpointing" if renamed else "gradient_checkpointing"
+    assert passed[name] is False and ("gradient_checkpointing" in passed) is not renamed
+    assert {k: v for k, v in passed.items() if k != name} == {k: v for k, v in trl.items() if k != "gradient_checkpointing"}
+    assert trl["gradient_checkpointing"] is False  # the shared settings keep TRL's documented name
+
+
 def test_bfloat16_is_autocast_on_both_sides():
     for pair in bt.PAIRS:
         sides = bt.side_settings(bt.default_settings(pair, dtype="bfloat16"))

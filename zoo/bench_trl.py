@@ -408,12 +408,26 @@ def _run_ours(s: Settings, data_dir: Path, out: Path) -> tuple[float, list[float
     return train_s, clock.ends, extra
 
 
+def installed_trl_names(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with each field under the name the installed ``TrainingArguments`` reads. transformers
+    renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name warns and is a
+    fallback that TRL's configs set to True), so where the new name exists ours goes there."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if "gradient_checkpointing" in kw and "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        kw = dict(kw)
+        kw["activation_checkpointing"] = kw.pop("gradient_checkpointing")
+    return kw
+
+
 def _run_trl(s: Settings, data_dir: Path, out: Path) -> tuple[float, list[float], dict[str, float]]:
     import datasets
 
     env, core = _load_env(s)
     tok = core.tokenizer
-    kw = side_settings(s)["trl"]
+    kw = installed_trl_names(side_settings(s)["trl"])
     scratch = tempfile.mkdtemp(prefix=f"bench-trl-{s.pair}-")
     if s.pair == "rloo":
         from trl import RLOOConfig, RLOOTrainer
