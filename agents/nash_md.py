@@ -138,12 +138,12 @@ class GeometricMixture:
     def __init__(self, reference, beta: float, window: int, vocab_size: int, temperature: float = 1.0):
         self.reference, self.beta, self.window, self.vocab_size = reference, float(beta), int(window), int(vocab_size)
         self.temperature = max(float(temperature), 1e-6)
-        self.pool = IncrementalLMPool()  # the reference's KV caches, shared by the runs (one at a time)
+        self._lms = IncrementalLMPool()  # the reference's KV caches, shared by the runs (one at a time)
 
     def start(self, prompt_ids, max_new_tokens: int) -> "GeometricMixture":
         run = copy.copy(self)
         window = max(self.window, max(map(len, prompt_ids)) + max_new_tokens)
-        run.lm = self.pool.get(self.reference, len(prompt_ids), window)
+        run.lm = self._lms.get(self.reference, len(prompt_ids), window)
         run.ref_logits = run.lm.reset_rows(range(len(prompt_ids)), prompt_ids)
         return run
 
