@@ -568,9 +568,9 @@ class IncrementalLMPool:
         device_type = next(model.parameters()).device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = (int(batch_size), int(window), autocast)
-        fits = (id(model), model.training, *(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
+        fits = (model.training, *(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
         held = self._lms.get(key)
-        if held is not None and held[0] == fits and held[1].model is model:
+        if held is not None and held[1].model is model and held[0] == fits:
             held[1].clear()
             return held[1]
         lm = IncrementalLM(model, batch_size, window, **self.lm_kwargs)

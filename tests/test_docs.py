@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import re
 import shlex
 import subprocess
@@ -70,5 +71,5 @@ def test_the_readmes_ten_lines_run_as_printed(tmp_path):
     assert "gym.make(" in code and "make_vec(" in code
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    completion_rm_gold = done.stdout.strip().splitlines()[-1].rsplit(" ", 2)
-    float(completion_rm_gold[-1]), float(completion_rm_gold[-2])  # the RM score and gold it printed are numbers
+    *_, rm_score, gold = done.stdout.strip().splitlines()[-1].rsplit(" ", 2)  # print(completion, rm_score, gold)
+    assert math.isfinite(float(rm_score)) and math.isfinite(float(gold))
